@@ -1,0 +1,1 @@
+//! Hoshino agent library: the sans-IO core and the I/O edges of the tunnel and interceptor.

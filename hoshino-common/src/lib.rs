@@ -1,0 +1,2 @@
+//! Types shared between the eBPF classifier and the agent.
+#![no_std]

@@ -1,0 +1,1 @@
+//! Testbed: network namespaces, S3 servers and agent processes for end-to-end tests.
