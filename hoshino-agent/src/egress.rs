@@ -56,6 +56,8 @@ pub struct Egress {
     pub me: NodeAddr,
     pub metrics: Arc<Metrics>,
     pub bundler: Bundler,
+    /// Wakes an idle ingress: replies to what we send are likely.
+    pub sent: Arc<tokio::sync::Notify>,
 }
 
 struct PutDone {
@@ -161,6 +163,7 @@ impl Egress {
             .egress_packets
             .fetch_add(u64::from(d.packets), Relaxed);
         self.metrics.egress_bytes.fetch_add(d.packet_bytes, Relaxed);
+        self.sent.notify_one();
         let now = Instant::now();
         schedule.prune(now);
         if schedule.put_succeeded(d.dest, d.started, now) {

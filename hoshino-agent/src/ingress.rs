@@ -26,6 +26,10 @@ use crate::s3::{S3Error, Store};
 const GET_CONCURRENCY: usize = 16;
 /// DELETEs allowed in flight before the loop waits for some.
 const MAX_DELETES: usize = 256;
+/// LIST pages followed in one poll when earlier pages hold only already-taken keys.
+const MAX_PAGES: usize = 10;
+/// A taken key still listed after this long had its DELETE fail; it is deleted again.
+const REDELETE_AFTER: Duration = Duration::from_secs(30);
 /// Repeated S3 failures are logged at most this often.
 const WARN_EVERY: Duration = Duration::from_secs(10);
 
@@ -45,6 +49,8 @@ pub struct Ingress {
     pub metrics: Arc<Metrics>,
     pub key: Option<NetworkKey>,
     pub heartbeat: HeartbeatConfig,
+    /// Signalled by egress after each bundle PUT.
+    pub sent: Arc<tokio::sync::Notify>,
 }
 
 struct State {
@@ -86,6 +92,13 @@ impl Ingress {
                 biased;
                 _ = shutdown.changed() => break,
                 _ = sleep_until(Some(wake_at)) => {}
+                _ = self.sent.notified() => {
+                    // We just sent something: a reply is likely, so stop waiting for the bell.
+                    if st.heartbeat.is_idle() {
+                        st.heartbeat.wake(Instant::now());
+                    }
+                    continue;
+                }
             }
             while st.deletes.try_join_next().is_some() {}
             let now = Instant::now();
@@ -139,43 +152,60 @@ impl Ingress {
     /// One LIST and the work it finds. Returns whether new objects were found.
     async fn poll_inbox(&self, st: &mut State) -> bool {
         let prefix = inbox_prefix(self.me.id);
-        let listing = match self.store.list(&prefix).await {
-            Ok(l) => l,
-            Err(e) => {
-                self.warn(st, &e);
-                return false;
-            }
-        };
-        if !st.up {
-            st.up = true;
-            tracing::info!(address = %self.me, bucket = self.store.bucket(), "tunnel up");
-        }
-        if !listing.truncated {
-            let listed: HashSet<&str> = listing.objects.iter().map(|o| o.key.as_str()).collect();
-            st.seen.retain_listed(&listed);
-        }
+        let now = Instant::now();
+        let mut start_after: Option<String> = None;
         let mut fetch = Vec::new();
-        for obj in &listing.objects {
-            if st.seen.contains(&obj.key) {
-                continue;
-            }
-            let parsed = match parse_inbox_key(&obj.key, self.me.id) {
-                Ok(k) => k,
+        // Follow pages only while they hold nothing new, so a backlog of undeletable objects
+        // cannot hide newer ones; new work on a page is handled before listing further.
+        for page in 0..MAX_PAGES {
+            let listing = match self.store.list(&prefix, start_after.as_deref()).await {
+                Ok(l) => l,
                 Err(e) => {
-                    tracing::debug!(error = %e, "unparsable key in inbox");
-                    self.reject(st, &obj.key, "bad_key");
-                    continue;
+                    self.warn(st, &e);
+                    return false;
                 }
             };
-            if obj.size > MAX_BUNDLE_BYTES as u64 {
-                self.reject(
-                    st,
-                    &obj.key,
-                    BundleError::Oversized(obj.size as usize).reason(),
-                );
-                continue;
+            if !st.up {
+                st.up = true;
+                tracing::info!(address = %self.me, bucket = self.store.bucket(), "tunnel up");
             }
-            fetch.push((obj.key.clone(), parsed));
+            if page == 0 && !listing.truncated {
+                let listed: HashSet<&str> =
+                    listing.objects.iter().map(|o| o.key.as_str()).collect();
+                st.seen.retain_listed(&listed);
+            }
+            for obj in &listing.objects {
+                if st.seen.contains(&obj.key) {
+                    if st.seen.needs_redelete(&obj.key, now, REDELETE_AFTER) {
+                        self.delete(st, obj.key.clone());
+                    }
+                    continue;
+                }
+                let parsed = match parse_inbox_key(&obj.key, self.me.id) {
+                    Ok(k) => k,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "unparsable key in inbox");
+                        self.reject(st, &obj.key, "bad_key");
+                        continue;
+                    }
+                };
+                if obj.size > MAX_BUNDLE_BYTES as u64 {
+                    self.reject(
+                        st,
+                        &obj.key,
+                        BundleError::Oversized(obj.size as usize).reason(),
+                    );
+                    continue;
+                }
+                fetch.push((obj.key.clone(), parsed));
+            }
+            if !fetch.is_empty() || !listing.truncated {
+                break;
+            }
+            start_after = listing.objects.last().map(|o| o.key.clone());
+            if start_after.is_none() {
+                break;
+            }
         }
         let found = !fetch.is_empty();
         let store = &self.store;
@@ -196,7 +226,7 @@ impl Ingress {
                 Ok(Some(b)) => b,
                 Ok(None) => {
                     // Deleted meanwhile (by us earlier, or by the lifecycle rule).
-                    st.seen.insert(key);
+                    st.seen.insert(key, Instant::now());
                     continue;
                 }
                 Err(S3Error::TooLarge { .. }) => {
@@ -232,7 +262,7 @@ impl Ingress {
                     continue;
                 }
             };
-            st.seen.insert(key.clone());
+            st.seen.insert(key.clone(), Instant::now());
             let stream = StreamId {
                 sender: b.header.sender,
                 session: b.header.session,
@@ -305,7 +335,7 @@ impl Ingress {
 
     /// Deletes in the background and remembers the key as seen, so it is never taken twice.
     fn delete(&self, st: &mut State, key: String) {
-        st.seen.insert(key.clone());
+        st.seen.insert(key.clone(), Instant::now());
         if st.deletes.len() >= MAX_DELETES {
             // Bounded: the object stays (seen, so never delivered twice) until the bucket's
             // lifecycle rule collects it.

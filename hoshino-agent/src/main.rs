@@ -63,7 +63,6 @@ fn main() -> ExitCode {
 
 fn config_error(e: impl std::fmt::Display) -> ExitCode {
     tracing::error!("{e}");
-    eprintln!("hoshino-agent: {e}");
     ExitCode::from(EXIT_CONFIG)
 }
 
@@ -85,7 +84,6 @@ fn run_tunnel(config: tunnel::TunnelConfig) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");
-            eprintln!("hoshino-agent: {e}");
             ExitCode::from(if e.is_config_error() {
                 EXIT_CONFIG
             } else {

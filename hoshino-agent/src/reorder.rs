@@ -193,16 +193,17 @@ impl<T> Reorder<T> {
 /// LIST no longer shows it, so a slow or failed DELETE never causes a second delivery.
 #[derive(Debug, Default)]
 pub struct SeenKeys {
-    keys: HashSet<String>,
+    /// Key -> when it was taken, or last scheduled for deletion.
+    keys: HashMap<String, Instant>,
 }
 
 impl SeenKeys {
     pub fn contains(&self, key: &str) -> bool {
-        self.keys.contains(key)
+        self.keys.contains_key(key)
     }
 
-    pub fn insert(&mut self, key: String) {
-        self.keys.insert(key);
+    pub fn insert(&mut self, key: String, now: Instant) {
+        self.keys.entry(key).or_insert(now);
     }
 
     pub fn len(&self) -> usize {
@@ -215,7 +216,19 @@ impl SeenKeys {
 
     /// Keeps only keys a complete LIST still shows.
     pub fn retain_listed(&mut self, listed: &HashSet<&str>) {
-        self.keys.retain(|k| listed.contains(k.as_str()));
+        self.keys.retain(|k, _| listed.contains(k.as_str()));
+    }
+
+    /// True when `key` was taken more than `after` ago and is still listed: its DELETE failed
+    /// and should be retried. Resets the clock so it is retried at most once per `after`.
+    pub fn needs_redelete(&mut self, key: &str, now: Instant, after: Duration) -> bool {
+        match self.keys.get_mut(key) {
+            Some(t) if now.saturating_duration_since(*t) >= after => {
+                *t = now;
+                true
+            }
+            _ => false,
+        }
     }
 }
 
@@ -366,12 +379,25 @@ mod tests {
     #[test]
     fn seen_keys_are_kept_until_a_list_no_longer_shows_them() {
         let mut seen = SeenKeys::default();
-        seen.insert("a".into());
-        seen.insert("b".into());
+        let t = Instant::now();
+        seen.insert("a".into(), t);
+        seen.insert("b".into(), t);
         let listed: HashSet<&str> = ["b", "c"].into_iter().collect();
         seen.retain_listed(&listed);
         assert!(!seen.contains("a"));
         assert!(seen.contains("b"));
         assert_eq!(seen.len(), 1);
+    }
+
+    #[test]
+    fn lingering_seen_key_is_redeleted_at_most_once_per_interval() {
+        let mut seen = SeenKeys::default();
+        let t = Instant::now();
+        let every = Duration::from_secs(30);
+        seen.insert("k".into(), t);
+        assert!(!seen.needs_redelete("k", t + Duration::from_secs(29), every));
+        assert!(seen.needs_redelete("k", t + every, every));
+        assert!(!seen.needs_redelete("k", t + every + Duration::from_secs(1), every));
+        assert!(!seen.needs_redelete("unknown", t + every * 9, every));
     }
 }

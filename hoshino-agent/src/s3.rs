@@ -246,15 +246,16 @@ impl Store {
         }
     }
 
-    /// One page (up to 1000 keys) under `prefix`, sorted by key client side (S3 Express One Zone
-    /// lists unordered).
-    pub async fn list(&self, prefix: &str) -> Result<Listing, S3Error> {
+    /// One page (up to 1000 keys) under `prefix`, after `start_after` if given, sorted by key
+    /// client side (S3 Express One Zone lists unordered).
+    pub async fn list(&self, prefix: &str, start_after: Option<&str>) -> Result<Listing, S3Error> {
         let started = Instant::now();
         let r = self
             .client
             .list_objects_v2()
             .bucket(&self.bucket)
             .prefix(prefix)
+            .set_start_after(start_after.map(String::from))
             .send()
             .await;
         self.record(S3Op::List, started, r.is_ok());

@@ -190,12 +190,14 @@ impl Tunnel {
         let store = Store::new(client, config.s3.bucket.clone(), metrics.clone());
         let session = rand_session();
         let (shutdown, rx) = watch::channel(false);
+        let sent = Arc::new(tokio::sync::Notify::new());
         let egress = Egress {
             tun: tun.device.clone(),
             store: store.clone(),
             me: addr,
             metrics: metrics.clone(),
             bundler: Bundler::new(config.bundler, addr.id, session, key.clone()),
+            sent: sent.clone(),
         };
         let ingress = Ingress {
             tun: tun.device.clone(),
@@ -204,6 +206,7 @@ impl Tunnel {
             metrics: metrics.clone(),
             key,
             heartbeat: config.heartbeat,
+            sent,
         };
         let tasks = vec![
             tokio::spawn(egress.run(rx.clone())),
