@@ -19,10 +19,19 @@ pub struct PingReport {
     pub received: u32,
     /// Round-trip times of the replies, in milliseconds, in arrival order.
     pub rtts_ms: Vec<f64>,
+    /// `icmp_seq` of each reply, in arrival order (duplicates included).
+    pub replied_seqs: Vec<u32>,
     pub raw: String,
 }
 
 impl PingReport {
+    /// Requests among the first `count` (icmp_seq 1..=count) that got no reply.
+    pub fn unanswered(&self, count: u32) -> Vec<u32> {
+        (1..=count)
+            .filter(|seq| !self.replied_seqs.contains(seq))
+            .collect()
+    }
+
     pub fn percentile_ms(&self, p: f64) -> Option<f64> {
         let mut sorted = self.rtts_ms.clone();
         sorted.sort_by(f64::total_cmp);
@@ -31,8 +40,9 @@ impl PingReport {
     }
 }
 
-/// Sends `count` echo requests `interval` apart and waits up to `deadline` in total for all
-/// replies (`-w`: ping stops early once every reply arrived).
+/// Sends echo requests `interval` apart until `count` replies arrived or `deadline` passed
+/// (`-c` with `-w`: ping keeps sending past `count` while replies are missing). Whether the
+/// first `count` requests were all answered is [`PingReport::unanswered`].
 pub fn ping(
     from: &Namespace,
     to: IpAddr,
@@ -68,6 +78,13 @@ fn parse(raw: &str) -> PingReport {
         {
             report.rtts_ms.push(rtt);
         }
+        if let Some(seq) = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("icmp_seq="))
+            .and_then(|t| t.parse().ok())
+        {
+            report.replied_seqs.push(seq);
+        }
         if line.contains("packets transmitted") {
             let mut fields = line.split(',').map(str::trim);
             report.transmitted = leading_number(fields.next());
@@ -98,6 +115,7 @@ mod tests {
         );
         assert_eq!((r.transmitted, r.received), (3, 2));
         assert_eq!(r.rtts_ms, vec![12.5, 10.1]);
+        assert_eq!(r.unanswered(3), vec![3]);
         assert_eq!(r.percentile_ms(0.0), Some(10.1));
     }
 }

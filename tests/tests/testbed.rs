@@ -68,7 +68,7 @@ fn nodes_have_distinct_machine_ids_and_reach_the_hub() {
             Duration::from_secs(10),
         )
         .expect("ping");
-        assert_eq!(report.received, 2, "{}", report.raw);
+        assert!(report.unanswered(2).is_empty(), "{}", report.raw);
     }
 }
 

@@ -132,7 +132,7 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
     }
     println!("\nCleaning up (agents stopped, namespaces deleted).");
-    let ok = report.received == args.pings;
+    let ok = report.unanswered(args.pings).is_empty();
     drop(net);
     Ok(if ok {
         ExitCode::SUCCESS
