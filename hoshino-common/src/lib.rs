@@ -252,6 +252,10 @@ pub const CONFIG_ENABLED: u32 = 1 << 0;
 /// packet counts that are powers of two).
 pub const CONFIG_LOG_VERDICTS: u32 = 1 << 1;
 
+/// [`Config::flags`]: the interface has no Ethernet header (a TUN, WireGuard, ...): packets start
+/// at the IP header and `skb->protocol` gives the family.
+pub const CONFIG_L3_INTERFACE: u32 = 1 << 2;
+
 /// Per-rule counters (one per CPU; the agent sums them).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
