@@ -15,6 +15,7 @@
 //! ```
 
 mod classifier;
+pub mod divert;
 mod from_policy;
 mod logs;
 mod object;

@@ -12,7 +12,11 @@ pub const MAX_HEADERS: usize = 128;
 pub enum StreamEvent {
     /// A complete request line; `path` is the normalized path (dot segments resolved, percent
     /// escapes decoded) plus the query, and `raw_target` what the client sent.
-    Request { method: String, path: String, raw_target: String },
+    Request {
+        method: String,
+        path: String,
+        raw_target: String,
+    },
     /// The stream cannot be followed (not HTTP/1.x, a line too long, a body framing we do not
     /// track); nothing after this point is inspected.
     Unframeable(String),
@@ -46,7 +50,12 @@ impl Default for RequestStream {
 
 impl RequestStream {
     pub fn new() -> Self {
-        Self { state: State::RequestLine, line: Vec::new(), consumed: 0, line_start: 0 }
+        Self {
+            state: State::RequestLine,
+            line: Vec::new(),
+            consumed: 0,
+            line_start: 0,
+        }
     }
 
     /// Stream offset of the first byte of a request line that has started but not ended (or of
@@ -72,7 +81,9 @@ impl RequestStream {
             match self.state {
                 State::Stopped => return events,
                 State::Body { remaining } => {
-                    let take = usize::try_from(remaining).unwrap_or(usize::MAX).min(bytes.len());
+                    let take = usize::try_from(remaining)
+                        .unwrap_or(usize::MAX)
+                        .min(bytes.len());
                     self.advance(take);
                     bytes = bytes.get(take..).unwrap_or(&[]);
                     let remaining = remaining - take as u64;
@@ -133,19 +144,27 @@ impl RequestStream {
                 }
                 match parse_request_line(line) {
                     Ok(event) => {
-                        self.state = State::Headers { content_length: 0, headers: 0 };
+                        self.state = State::Headers {
+                            content_length: 0,
+                            headers: 0,
+                        };
                         Some(event)
                     }
                     Err(why) => Some(self.stop(why)),
                 }
             }
-            State::Headers { content_length, headers } => {
+            State::Headers {
+                content_length,
+                headers,
+            } => {
                 if line.is_empty() {
                     self.state = if content_length == 0 {
                         self.line_start = self.consumed;
                         State::RequestLine
                     } else {
-                        State::Body { remaining: content_length }
+                        State::Body {
+                            remaining: content_length,
+                        }
                     };
                     return None;
                 }
@@ -168,7 +187,10 @@ impl RequestStream {
                     // not followed.
                     return Some(self.stop(format!("Transfer-Encoding `{value}`")));
                 }
-                self.state = State::Headers { content_length, headers: headers + 1 };
+                self.state = State::Headers {
+                    content_length,
+                    headers: headers + 1,
+                };
                 None
             }
             State::Body { .. } | State::Stopped => None,
@@ -186,20 +208,35 @@ fn split_header(line: &[u8]) -> Option<(String, String)> {
 }
 
 fn parse_request_line(line: &[u8]) -> Result<StreamEvent, String> {
-    let text = std::str::from_utf8(line).map_err(|_| "a request line that is not UTF-8".to_string())?;
+    let text =
+        std::str::from_utf8(line).map_err(|_| "a request line that is not UTF-8".to_string())?;
     let mut parts = text.split(' ');
     let (Some(method), Some(target), Some(version), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
     else {
-        return Err(format!("not an HTTP/1.x request line: `{}`", truncate(text)));
+        return Err(format!(
+            "not an HTTP/1.x request line: `{}`",
+            truncate(text)
+        ));
     };
-    let token = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+    let token = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+    };
     if !token(method) || !version.starts_with("HTTP/1.") {
-        return Err(format!("not an HTTP/1.x request line: `{}`", truncate(text)));
+        return Err(format!(
+            "not an HTTP/1.x request line: `{}`",
+            truncate(text)
+        ));
     }
     let path = normalize_target(target)
         .ok_or_else(|| format!("request target `{}` cannot be normalized", truncate(target)))?;
-    Ok(StreamEvent::Request { method: method.to_string(), path, raw_target: target.to_string() })
+    Ok(StreamEvent::Request {
+        method: method.to_string(),
+        path,
+        raw_target: target.to_string(),
+    })
 }
 
 fn truncate(s: &str) -> String {
@@ -285,7 +322,11 @@ mod tests {
     use super::*;
 
     fn request(path: &str) -> StreamEvent {
-        StreamEvent::Request { method: "GET".into(), path: path.into(), raw_target: path.into() }
+        StreamEvent::Request {
+            method: "GET".into(),
+            path: path.into(),
+            raw_target: path.into(),
+        }
     }
 
     #[test]
@@ -330,7 +371,10 @@ mod tests {
         assert_eq!(s.undecided_from(), None);
 
         let mut s = RequestStream::new();
-        assert!(matches!(s.push(b"\x16\x03\x01\x02\x00\n").as_slice(), [StreamEvent::Unframeable(_)]));
+        assert!(matches!(
+            s.push(b"\x16\x03\x01\x02\x00\n").as_slice(),
+            [StreamEvent::Unframeable(_)]
+        ));
     }
 
     #[test]

@@ -38,7 +38,12 @@ pub fn reset_to_server(flow: &FlowTuple, seq: u32) -> Result<Vec<u8>, RstError> 
     build(flow, flow.src, flow.dst, header)
 }
 
-fn build(flow: &FlowTuple, src: IpAddr, dst: IpAddr, header: TcpHeader) -> Result<Vec<u8>, RstError> {
+fn build(
+    flow: &FlowTuple,
+    src: IpAddr,
+    dst: IpAddr,
+    header: TcpHeader,
+) -> Result<Vec<u8>, RstError> {
     let builder = match (src, dst) {
         (IpAddr::V4(s), IpAddr::V4(d)) => PacketBuilder::ipv4(s.octets(), d.octets(), HOP_LIMIT),
         (IpAddr::V6(s), IpAddr::V6(d)) => PacketBuilder::ipv6(s.octets(), d.octets(), HOP_LIMIT),
@@ -46,9 +51,10 @@ fn build(flow: &FlowTuple, src: IpAddr, dst: IpAddr, header: TcpHeader) -> Resul
     }
     .tcp_header(header);
     let mut out = Vec::with_capacity(builder.size(0));
-    builder
-        .write(&mut out, &[])
-        .map_err(|e| RstError::Build { flow: *flow, reason: e.to_string() })?;
+    builder.write(&mut out, &[]).map_err(|e| RstError::Build {
+        flow: *flow,
+        reason: e.to_string(),
+    })?;
     Ok(out)
 }
 
@@ -71,20 +77,30 @@ mod tests {
     /// computation.
     fn check(packet: &[u8]) -> (IpAddr, IpAddr, etherparse::TcpHeader) {
         let sliced = SlicedPacket::from_ip(packet).expect("generated packet parses");
-        let Some(TransportSlice::Tcp(tcp)) = &sliced.transport else { panic!("not TCP") };
+        let Some(TransportSlice::Tcp(tcp)) = &sliced.transport else {
+            panic!("not TCP")
+        };
         match &sliced.net {
             Some(NetSlice::Ipv4(v4)) => {
                 let h = v4.header().to_header();
                 assert_eq!(h.header_checksum, h.calc_header_checksum());
                 let sum = tcp.calc_checksum_ipv4(h.source, h.destination).unwrap();
                 assert_eq!(tcp.checksum(), sum);
-                (IpAddr::V4(h.source.into()), IpAddr::V4(h.destination.into()), tcp.to_header())
+                (
+                    IpAddr::V4(h.source.into()),
+                    IpAddr::V4(h.destination.into()),
+                    tcp.to_header(),
+                )
             }
             Some(NetSlice::Ipv6(v6)) => {
                 let h = v6.header().to_header();
                 let sum = tcp.calc_checksum_ipv6(h.source, h.destination).unwrap();
                 assert_eq!(tcp.checksum(), sum);
-                (IpAddr::V6(h.source.into()), IpAddr::V6(h.destination.into()), tcp.to_header())
+                (
+                    IpAddr::V6(h.source.into()),
+                    IpAddr::V6(h.destination.into()),
+                    tcp.to_header(),
+                )
             }
             _ => panic!("not IP"),
         }
@@ -98,7 +114,10 @@ mod tests {
         assert_eq!((src, dst), (f.dst, f.src));
         assert_eq!((tcp.source_port, tcp.destination_port), (80, 40000));
         assert!(tcp.rst && tcp.ack && !tcp.syn && !tcp.fin);
-        assert_eq!((tcp.sequence_number, tcp.acknowledgment_number), (7000, 1234));
+        assert_eq!(
+            (tcp.sequence_number, tcp.acknowledgment_number),
+            (7000, 1234)
+        );
     }
 
     #[test]
@@ -115,6 +134,9 @@ mod tests {
     #[test]
     fn mixed_family_flow_is_an_error_not_a_panic() {
         let f = flow("10.0.0.2", "fd00:ec2::254");
-        assert!(matches!(reset_to_client(&f, 1, 1), Err(RstError::MixedFamilies(_))));
+        assert!(matches!(
+            reset_to_client(&f, 1, 1),
+            Err(RstError::MixedFamilies(_))
+        ));
     }
 }

@@ -42,7 +42,8 @@ impl TcpFields {
     /// Sequence space the segment occupies (payload, plus one each for SYN and FIN).
     pub fn seq_len(&self) -> u32 {
         let len = u32::try_from(self.payload_len).unwrap_or(u32::MAX);
-        len.wrapping_add(u32::from(self.syn)).wrapping_add(u32::from(self.fin))
+        len.wrapping_add(u32::from(self.syn))
+            .wrapping_add(u32::from(self.fin))
     }
 }
 
@@ -73,7 +74,13 @@ impl Segment {
             ),
             _ => return Err(SegmentError::NotIp),
         };
-        let mut flow = FlowTuple { src, dst, proto, src_port: 0, dst_port: 0 };
+        let mut flow = FlowTuple {
+            src,
+            dst,
+            proto,
+            src_port: 0,
+            dst_port: 0,
+        };
         let tcp = match &sliced.transport {
             Some(TransportSlice::Tcp(tcp)) => {
                 flow.src_port = tcp.source_port();
