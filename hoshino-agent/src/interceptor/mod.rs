@@ -14,6 +14,7 @@
 //! # drop(logs); Ok(()) }
 //! ```
 
+pub mod attach_cmd;
 mod classifier;
 pub mod divert;
 mod from_policy;
