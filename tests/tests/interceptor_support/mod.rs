@@ -248,13 +248,24 @@ impl AttachedAgent {
         policy: &Path,
         extra: &[&str],
     ) -> Self {
+        Self::start_configured(ns, dir, interface, policy, extra, |_| {})
+    }
+
+    /// Like [`Self::start`], with a hook to adjust the command (environment for S3).
+    pub fn start_configured(
+        ns: &Namespace,
+        dir: &Path,
+        interface: &str,
+        policy: &Path,
+        extra: &[&str],
+        configure: impl FnOnce(&mut Command),
+    ) -> Self {
         let n = AGENTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let log = dir.join(format!("agent-attach-{n}.log"));
         let out = File::create(&log).expect("agent log");
         let err = out.try_clone().expect("agent log fd");
-        let child = ns
-            .command(binaries::agent().expect("hoshino-agent binary"))
-            .arg("attach")
+        let mut cmd = ns.command(binaries::agent().expect("hoshino-agent binary"));
+        cmd.arg("attach")
             .args(["--interface", interface])
             .arg("--policy")
             .arg(policy)
@@ -266,9 +277,9 @@ impl AttachedAgent {
             )
             .stdin(Stdio::null())
             .stdout(out)
-            .stderr(err)
-            .spawn()
-            .expect("start hoshino-agent attach");
+            .stderr(err);
+        configure(&mut cmd);
+        let child = cmd.spawn().expect("start hoshino-agent attach");
         let mut agent = Self {
             process: Spawned::new("hoshino-agent attach", child),
             log,
