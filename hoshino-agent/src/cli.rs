@@ -52,6 +52,11 @@ pub enum Command {
     Tunnel(TunnelArgs),
     /// Print this node's tunnel address and exit.
     Addr(AddrArgs),
+    /// Attach the policy classifier to an interface; tunnel and divert what the policy says.
+    Attach(crate::interceptor::attach_cmd::AttachArgs),
+    /// Policy file tools.
+    #[command(subcommand)]
+    Policy(crate::policy::cli::PolicyCommand),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]

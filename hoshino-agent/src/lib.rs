@@ -1,8 +1,9 @@
-//! Hoshino agent library: the sans-IO core and the I/O edges of the tunnel.
+//! Hoshino agent library: the sans-IO core and the I/O edges of the tunnel and interceptor.
 //!
 //! Sans-IO core (no clock, network or kernel; time is passed in): `node_addr`, `bundle`,
-//! `mailbox`, `heartbeat`, `reorder`, `bundler`, `metrics`.
-//! I/O edges: `tun_device`, `netlink`, `s3`, `metrics_http`, `egress`, `ingress`, `tunnel`.
+//! `mailbox`, `heartbeat`, `reorder`, `bundler`, `metrics`, `policy`.
+//! I/O edges: `tun_device`, `netlink`, `s3`, `metrics_http`, `egress`, `ingress`, `tunnel`,
+//! `interceptor`.
 
 pub mod bundle;
 pub mod bundler;
@@ -10,11 +11,13 @@ pub mod heartbeat;
 pub mod mailbox;
 pub mod metrics;
 pub mod node_addr;
+pub mod policy;
 pub mod reorder;
 
 pub mod cli;
 pub mod egress;
 pub mod ingress;
+pub mod interceptor;
 pub mod metrics_http;
 pub mod netlink;
 pub mod s3;

@@ -51,6 +51,17 @@ fn main() -> ExitCode {
                 Err(e) => config_error(e),
             }
         }
+        Command::Policy(command) => match hoshino_agent::policy::cli::run(&command) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+        },
+        Command::Attach(args) => run_attach(args, &file, &config_path),
         Command::Tunnel(args) => {
             let config = match args.resolve(&file, &config_path) {
                 Ok(c) => c,
@@ -84,6 +95,39 @@ fn run_tunnel(config: tunnel::TunnelConfig) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");
+            ExitCode::from(if e.is_config_error() {
+                EXIT_CONFIG
+            } else {
+                EXIT_RUNTIME
+            })
+        }
+    }
+}
+
+fn run_attach(
+    args: hoshino_agent::interceptor::attach_cmd::AttachArgs,
+    file: &ConfigFile,
+    config_path: &std::path::Path,
+) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(4)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("hoshino-agent: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    let attach =
+        hoshino_agent::interceptor::attach_cmd::run(args, file, config_path, shutdown_signal());
+    match runtime.block_on(attach) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("hoshino-agent: {e}");
             ExitCode::from(if e.is_config_error() {
                 EXIT_CONFIG
             } else {

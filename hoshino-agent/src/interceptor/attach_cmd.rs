@@ -1,0 +1,317 @@
+//! `hoshino-agent attach`: the classifier on an interface, the tunnel for `tunnel` verdicts,
+//! the divert loop for `divert` verdicts; SIGHUP reloads the policy, SIGINT/SIGTERM detach.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use clap::Args;
+use hoshino_common::{FlowKey, FlowValue};
+use tokio::sync::watch;
+
+use super::divert::device::{DeviceError, DivertTun, Reinjector};
+use super::divert::service::{self, DivertStats, FlowLookup, PolicySets};
+use super::{Classifier, ClassifierOptions, Direction, InterceptorError, forward_logs};
+use crate::cli::{CliError, ConfigFile, TunnelArgs};
+use crate::metrics::{Metrics, RuleCounter};
+use crate::policy::{self, CompiledPolicy, PolicyError, Verdict};
+use crate::tunnel::{Tunnel, TunnelError};
+
+/// Default name of the divert TUN.
+pub const DEFAULT_DIVERT_TUN: &str = "hoshinodv0";
+/// Default mark of reinjected packets ("hsno"); any nonzero value no one else uses works.
+pub const DEFAULT_REINJECT_MARK: u32 = 0x6873_6e6f;
+/// How often the kernel's per-rule counters are copied into the metrics.
+const COUNTERS_EVERY: Duration = Duration::from_secs(1);
+
+/// `hoshino-agent attach --interface IF --policy FILE [TUNNEL FLAGS]`.
+#[derive(Debug, Clone, Args)]
+pub struct AttachArgs {
+    /// Interface whose outgoing packets the classifier judges.
+    #[arg(long, env = "HOSHINO_INTERFACE", help_heading = "Interceptor")]
+    pub interface: String,
+    /// Policy file (TOML, see docs/POLICY.md); SIGHUP re-reads it.
+    #[arg(
+        long,
+        env = "HOSHINO_POLICY",
+        help_heading = "Interceptor",
+        value_name = "FILE"
+    )]
+    pub policy: PathBuf,
+    /// Name of the TUN that receives diverted packets.
+    #[arg(long, env = "HOSHINO_DIVERT_TUN", help_heading = "Interceptor", default_value = DEFAULT_DIVERT_TUN)]
+    pub divert_tun: String,
+    /// Socket mark of reinjected packets; the classifier lets packets with it pass.
+    #[arg(long, env = "HOSHINO_REINJECT_MARK", help_heading = "Interceptor", default_value_t = DEFAULT_REINJECT_MARK)]
+    pub reinject_mark: u32,
+    /// Log the classifier's verdicts (aya-log, at debug level, rate limited).
+    #[arg(long, env = "HOSHINO_LOG_VERDICTS", help_heading = "Interceptor")]
+    pub log_verdicts: bool,
+    /// The tunnel carrying `tunnel` verdicts; started when a bucket is configured.
+    #[command(flatten)]
+    pub tunnel: TunnelArgs,
+}
+
+/// Why `attach` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    #[error(
+        "{path}: rule `{rule}` tunnels packets, but no bucket is configured for the tunnel (--bucket)"
+    )]
+    TunnelWithoutBucket { path: String, rule: String },
+    #[error("the reinject mark must not be 0 (0 is every unmarked packet's mark)")]
+    ZeroMark,
+    #[error(transparent)]
+    Cli(#[from] CliError),
+    #[error(transparent)]
+    Tunnel(#[from] TunnelError),
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    #[error(transparent)]
+    Interceptor(#[from] InterceptorError),
+    #[error("metrics endpoint: {0}")]
+    Metrics(String),
+}
+
+impl AttachError {
+    /// Exit code 2 (configuration) rather than 1 (runtime).
+    pub fn is_config_error(&self) -> bool {
+        match self {
+            Self::Policy(_) | Self::TunnelWithoutBucket { .. } | Self::ZeroMark | Self::Cli(_) => {
+                true
+            }
+            Self::Tunnel(e) => e.is_config_error(),
+            _ => false,
+        }
+    }
+}
+
+/// The first rule of `policy` with a `tunnel` verdict.
+fn tunnel_rule(policy: &CompiledPolicy) -> Option<&str> {
+    policy
+        .policy
+        .rules
+        .iter()
+        .find(|r| r.verdict == Verdict::Tunnel)
+        .map(|r| r.name.value.as_str())
+}
+
+struct ClassifierFlows(Arc<Mutex<Classifier>>);
+
+impl FlowLookup for ClassifierFlows {
+    fn lookup(&self, key: &FlowKey) -> Option<FlowValue> {
+        let classifier = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        classifier.flow(key).ok().flatten()
+    }
+}
+
+/// Runs `attach` until `shutdown` resolves; `file` and `config_path` are the `--config` file.
+pub async fn run(
+    args: AttachArgs,
+    file: &ConfigFile,
+    config_path: &Path,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AttachError> {
+    if args.reinject_mark == 0 {
+        return Err(AttachError::ZeroMark);
+    }
+    let compiled = Arc::new(policy::load(&args.policy)?);
+    let bucket_configured = args
+        .tunnel
+        .bucket
+        .as_deref()
+        .or(file.bucket.as_deref())
+        .is_some_and(|b| !b.is_empty());
+    if let Some(rule) = tunnel_rule(&compiled)
+        && !bucket_configured
+    {
+        return Err(AttachError::TunnelWithoutBucket {
+            path: args.policy.display().to_string(),
+            rule: rule.to_string(),
+        });
+    }
+    let tunnel_config = if bucket_configured {
+        Some(args.tunnel.resolve(file, config_path)?)
+    } else {
+        None
+    };
+
+    let (tunnel, metrics, metrics_task) = match tunnel_config {
+        Some(config) => {
+            let tunnel = Tunnel::start(config).await?;
+            let metrics = tunnel.metrics.clone();
+            (Some(tunnel), metrics, None)
+        }
+        None => {
+            let metrics = Arc::new(Metrics::default());
+            let from_file = match file.metrics_listen.as_deref() {
+                None => None,
+                Some(text) => Some(text.parse::<std::net::SocketAddr>().map_err(|e| {
+                    AttachError::Metrics(format!("metrics-listen `{text}` in the config file: {e}"))
+                })?),
+            };
+            let listen = args.tunnel.metrics_listen.or(from_file);
+            let task = match listen {
+                Some(addr) => {
+                    let listener = crate::metrics_http::bind(addr)
+                        .await
+                        .map_err(|e| AttachError::Metrics(e.to_string()))?;
+                    Some(tokio::spawn(crate::metrics_http::serve(
+                        listener,
+                        metrics.clone(),
+                    )))
+                }
+                None => None,
+            };
+            (None, metrics, task)
+        }
+    };
+
+    let result = intercept(
+        &args,
+        compiled,
+        tunnel.as_ref().map(|t| t.ifindex),
+        &metrics,
+        shutdown,
+    )
+    .await;
+    if let Some(task) = metrics_task {
+        task.abort();
+    }
+    if let Some(tunnel) = tunnel
+        && let Err(e) = tunnel.stop().await
+    {
+        tracing::warn!(error = %e, "stopping the tunnel");
+    }
+    result
+}
+
+async fn intercept(
+    args: &AttachArgs,
+    compiled: Arc<CompiledPolicy>,
+    tunnel_ifindex: Option<u32>,
+    metrics: &Arc<Metrics>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), AttachError> {
+    let divert_tun = Arc::new(DivertTun::create(&args.divert_tun)?);
+    let reinjector = Reinjector::new(args.reinject_mark)?;
+    let options = ClassifierOptions {
+        tunnel_ifindex: tunnel_ifindex.unwrap_or(0),
+        divert_ifindex: divert_tun.ifindex(),
+        reinject_mark: args.reinject_mark,
+        log_verdicts: args.log_verdicts,
+    };
+    let mut classifier = Classifier::load(&options)?;
+    let log_task = match classifier.take_logger() {
+        Ok(logger) => Some(tokio::spawn(forward_logs(logger))),
+        Err(e) => {
+            tracing::warn!(error = %e, "classifier log records will not be shown");
+            None
+        }
+    };
+    classifier.install(&compiled)?;
+    let mode = classifier.attach(&args.interface, Direction::Egress)?;
+    let policies = Arc::new(RwLock::new(PolicySets::default()));
+    write_policies(&policies).set(classifier.active_set(), compiled.clone());
+    let classifier = Arc::new(Mutex::new(classifier));
+    tracing::info!(
+        interface = %args.interface,
+        mode = ?mode,
+        policy = %args.policy.display(),
+        rules = compiled.rules.len(),
+        divert_tun = divert_tun.name(),
+        "interceptor attached"
+    );
+
+    let stats = Arc::new(DivertStats::default());
+    let (stop, stopped) = watch::channel(false);
+    let divert_task = tokio::spawn(service::run(
+        divert_tun.clone(),
+        reinjector,
+        policies.clone(),
+        Arc::new(ClassifierFlows(classifier.clone())),
+        stats.clone(),
+        stopped,
+    ));
+
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(|e| AttachError::Metrics(format!("cannot install the SIGHUP handler: {e}")))?;
+    let mut counters = tokio::time::interval(COUNTERS_EVERY);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            _ = hangup.recv() => reload(args, tunnel_ifindex.is_some(), &classifier, &policies),
+            _ = counters.tick() => publish_counters(&classifier, metrics),
+        }
+    }
+
+    let _ = stop.send(true);
+    let _ = divert_task.await;
+    if let Some(task) = log_task {
+        task.abort();
+    }
+    let mut classifier = classifier.lock().unwrap_or_else(|p| p.into_inner());
+    classifier.detach()?;
+    tracing::info!(interface = %args.interface, "interceptor detached");
+    Ok(())
+}
+
+fn write_policies(policies: &RwLock<PolicySets>) -> std::sync::RwLockWriteGuard<'_, PolicySets> {
+    policies.write().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Re-reads the policy file; on any error the running policy stays and the error is logged.
+fn reload(
+    args: &AttachArgs,
+    tunnel_running: bool,
+    classifier: &Mutex<Classifier>,
+    policies: &RwLock<PolicySets>,
+) {
+    let compiled = match policy::load(&args.policy) {
+        Ok(c) => Arc::new(c),
+        Err(e) => {
+            tracing::error!("policy reload failed, keeping the current policy: {e}");
+            return;
+        }
+    };
+    if let Some(rule) = tunnel_rule(&compiled)
+        && !tunnel_running
+    {
+        tracing::error!(
+            "policy reload failed, keeping the current policy: {}: rule `{rule}` tunnels packets, but the agent runs without a tunnel",
+            args.policy.display()
+        );
+        return;
+    }
+    let mut classifier = classifier.lock().unwrap_or_else(|p| p.into_inner());
+    match classifier.install(&compiled) {
+        Ok(()) => {
+            write_policies(policies).set(classifier.active_set(), compiled.clone());
+            tracing::info!(policy = %args.policy.display(), rules = compiled.rules.len(), "policy reloaded");
+        }
+        Err(e) => tracing::error!("policy reload failed, keeping the current policy: {e}"),
+    }
+}
+
+fn publish_counters(classifier: &Mutex<Classifier>, metrics: &Metrics) {
+    let stats = {
+        let classifier = classifier.lock().unwrap_or_else(|p| p.into_inner());
+        classifier.rule_stats()
+    };
+    match stats {
+        Ok(rules) => metrics.set_rule_counters(
+            rules
+                .into_iter()
+                .map(|r| RuleCounter {
+                    rule: r.name,
+                    packets: r.packets,
+                    bytes: r.bytes,
+                })
+                .collect(),
+        ),
+        Err(e) => tracing::debug!(error = %e, "reading rule counters"),
+    }
+}

@@ -1,0 +1,32 @@
+//! The policy interceptor's kernel side: loading the embedded TC classifier, attaching it, filling
+//! its maps from a compiled policy, and reading back per-rule counters and diverted flows.
+//!
+//! Typical use (the `attach` command):
+//! ```no_run
+//! # use hoshino_agent::interceptor::*;
+//! # fn run(policy: &hoshino_agent::policy::CompiledPolicy) -> Result<(), InterceptorError> {
+//! let mut classifier = Classifier::load(&ClassifierOptions::default())?;
+//! let logs = classifier.take_logger()?; // spawn `forward_logs(logs)` on tokio
+//! classifier.install(policy)?;          // fills the inactive map set, then flips to it (SIGHUP: again)
+//! classifier.attach("eth0", Direction::Egress)?;
+//! let counters = classifier.rule_stats()?; // per rule name, summed over CPUs
+//! classifier.detach()?; // also on drop
+//! # drop(logs); Ok(()) }
+//! ```
+
+pub mod attach_cmd;
+mod classifier;
+pub mod divert;
+mod from_policy;
+mod logs;
+mod object;
+mod tables;
+
+pub use classifier::{
+    AttachMode, Attachment, Classifier, ClassifierOptions, Direction, InterceptorError,
+    RuleCounters, flow_key,
+};
+pub use from_policy::set_tables;
+pub use logs::{TracingLog, forward_logs};
+pub use object::CLASSIFIER_OBJECT;
+pub use tables::{Family, PolicySpec, Prefix, RuleSpec, SetTables, TablesError, build_tables};

@@ -1,0 +1,568 @@
+//! The classifier on synthetic packets via `BPF_PROG_TEST_RUN` (needs root: CAP_BPF +
+//! CAP_NET_ADMIN). Each test loads its own classifier, so counters start at zero.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use aya::programs::{TestRun, TestRunOptions};
+use hoshino_agent::interceptor::{
+    Classifier, ClassifierOptions, Family, PolicySpec, RuleCounters, RuleSpec, flow_key,
+};
+use hoshino_common::Verdict;
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
+const TUNNEL_IFINDEX: u32 = 1;
+const DIVERT_IFINDEX: u32 = 1;
+const REINJECT_MARK: u32 = 0x4853;
+
+const TCP: u8 = 6;
+const UDP: u8 = 17;
+
+// ---- packet construction -------------------------------------------------------------------
+
+fn ethernet(ethertype: u16, payload: &[u8]) -> Vec<u8> {
+    let mut frame = vec![0x02, 0, 0, 0, 0, 2, 0x02, 0, 0, 0, 0, 1];
+    frame.extend_from_slice(&ethertype.to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// Inserts an 802.1Q tag (VLAN 5) after the MAC addresses.
+fn vlan(frame: &[u8]) -> Vec<u8> {
+    let mut tagged = frame[..12].to_vec();
+    tagged.extend_from_slice(&[0x81, 0x00, 0x00, 0x05]);
+    tagged.extend_from_slice(&frame[12..]);
+    tagged
+}
+
+fn ports(src: u16, dst: u16) -> Vec<u8> {
+    let mut l4 = Vec::new();
+    l4.extend_from_slice(&src.to_be_bytes());
+    l4.extend_from_slice(&dst.to_be_bytes());
+    l4.extend_from_slice(&[0; 16]);
+    l4
+}
+
+fn ipv4(proto: u8, src: &str, dst: &str, frag_field: u16, l4: &[u8]) -> Vec<u8> {
+    let src: Ipv4Addr = src.parse().unwrap();
+    let dst: Ipv4Addr = dst.parse().unwrap();
+    let mut h = vec![0x45, 0];
+    h.extend_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
+    h.extend_from_slice(&[0, 1]);
+    h.extend_from_slice(&frag_field.to_be_bytes());
+    h.extend_from_slice(&[64, proto, 0, 0]);
+    h.extend_from_slice(&src.octets());
+    h.extend_from_slice(&dst.octets());
+    h.extend_from_slice(l4);
+    ethernet(0x0800, &h)
+}
+
+fn v4_udp(dst: &str, dport: u16) -> Vec<u8> {
+    ipv4(UDP, "192.0.2.1", dst, 0, &ports(40000, dport))
+}
+
+fn v4_tcp(dst: &str, dport: u16) -> Vec<u8> {
+    ipv4(TCP, "192.0.2.1", dst, 0, &ports(40000, dport))
+}
+
+/// `chain` is a list of (header type, header bytes) extension headers, then `last` and `l4`.
+fn ipv6(dst: &str, chain: &[(u8, Vec<u8>)], last: u8, l4: &[u8]) -> Vec<u8> {
+    let src: Ipv6Addr = "2001:db8::1".parse().unwrap();
+    let dst: Ipv6Addr = dst.parse().unwrap();
+    let mut payload = Vec::new();
+    for (i, (_, header)) in chain.iter().enumerate() {
+        let mut header = header.clone();
+        header[0] = chain.get(i + 1).map_or(last, |(t, _)| *t);
+        payload.extend_from_slice(&header);
+    }
+    payload.extend_from_slice(l4);
+    let first = chain.first().map_or(last, |(t, _)| *t);
+    let mut h = vec![0x60, 0, 0, 0];
+    h.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    h.extend_from_slice(&[first, 64]);
+    h.extend_from_slice(&src.octets());
+    h.extend_from_slice(&dst.octets());
+    h.extend_from_slice(&payload);
+    ethernet(0x86dd, &h)
+}
+
+/// An 8-byte options header (hop-by-hop, destination options or routing) with PadN.
+fn ext_options() -> Vec<u8> {
+    vec![0, 0, 1, 4, 0, 0, 0, 0]
+}
+
+/// A 24-byte routing header (type 0 length 2 words), to exercise the length field.
+fn ext_routing_long() -> Vec<u8> {
+    let mut h = vec![0, 2, 0, 0, 0, 0, 0, 0];
+    h.extend_from_slice(&[0; 16]);
+    h
+}
+
+fn ext_fragment(offset_units: u16, more: bool) -> Vec<u8> {
+    let field = (offset_units << 3) | u16::from(more);
+    let mut h = vec![0, 0];
+    h.extend_from_slice(&field.to_be_bytes());
+    h.extend_from_slice(&[0, 0, 0, 7]);
+    h
+}
+
+fn ext_ah() -> Vec<u8> {
+    // Payload length 4 => (4 + 2) * 4 = 24 bytes.
+    let mut h = vec![0, 4, 0, 0];
+    h.extend_from_slice(&[0; 20]);
+    h
+}
+
+// ---- policy construction -------------------------------------------------------------------
+
+fn rule(name: &str, verdict: Verdict) -> RuleSpec {
+    RuleSpec::new(name, verdict)
+}
+
+fn with_dst(mut r: RuleSpec, prefixes: &[&str]) -> RuleSpec {
+    r.dst = prefixes.iter().map(|p| p.parse().unwrap()).collect();
+    r
+}
+
+fn policy(rules: Vec<RuleSpec>, default_verdict: Verdict) -> PolicySpec {
+    PolicySpec {
+        rules,
+        default_verdict,
+    }
+}
+
+// ---- running -------------------------------------------------------------------------------
+
+fn classifier(policy: &PolicySpec) -> Classifier {
+    let mut c = Classifier::load(&ClassifierOptions {
+        tunnel_ifindex: TUNNEL_IFINDEX,
+        divert_ifindex: DIVERT_IFINDEX,
+        reinject_mark: REINJECT_MARK,
+        log_verdicts: false,
+    })
+    .expect("load classifier (run as root)");
+    c.install_spec(policy).expect("install policy");
+    c
+}
+
+fn run_with_mark(c: &mut Classifier, packet: &[u8], mark: u32) -> u32 {
+    // __sk_buff starts with len, pkt_type, mark; the kernel takes mark from ctx_in.
+    let mut ctx = vec![0u8; 12];
+    ctx[8..12].copy_from_slice(&mark.to_ne_bytes());
+    let opts = TestRunOptions {
+        data_in: Some(packet),
+        ctx_in: Some(&ctx),
+        ..TestRunOptions::default()
+    };
+    c.program()
+        .unwrap()
+        .test_run(opts)
+        .expect("BPF_PROG_TEST_RUN")
+        .return_value
+}
+
+fn run(c: &mut Classifier, packet: &[u8]) -> u32 {
+    run_with_mark(c, packet, 0)
+}
+
+fn packets(c: &Classifier) -> Vec<(String, u64)> {
+    c.rule_stats()
+        .unwrap()
+        .into_iter()
+        .map(|RuleCounters { name, packets, .. }| (name, packets))
+        .collect()
+}
+
+fn counts(pairs: &[(&str, u64)]) -> Vec<(String, u64)> {
+    pairs.iter().map(|(n, p)| ((*n).to_owned(), *p)).collect()
+}
+
+// ---- tests ---------------------------------------------------------------------------------
+
+#[test]
+fn first_match_wins_across_overlapping_prefixes() {
+    let mut c = classifier(&policy(
+        vec![
+            with_dst(rule("narrow-pass", Verdict::Pass), &["10.1.0.0/16"]),
+            with_dst(rule("wide-drop", Verdict::Drop), &["10.0.0.0/8"]),
+            with_dst(rule("host-tunnel", Verdict::Tunnel), &["10.1.2.3/32"]),
+        ],
+        Verdict::Pass,
+    ));
+    assert_eq!(run(&mut c, &v4_udp("10.1.2.3", 53)), TC_ACT_OK);
+    assert_eq!(run(&mut c, &v4_udp("10.1.9.9", 53)), TC_ACT_OK);
+    assert_eq!(run(&mut c, &v4_udp("10.2.0.1", 53)), TC_ACT_SHOT);
+    assert_eq!(run(&mut c, &v4_udp("11.0.0.1", 53)), TC_ACT_OK);
+    assert_eq!(
+        packets(&c),
+        counts(&[
+            ("narrow-pass", 2),
+            ("wide-drop", 1),
+            ("host-tunnel", 0),
+            ("default", 1)
+        ])
+    );
+
+    // The same prefixes in the other order: the wide rule now shadows the narrow ones.
+    let mut c = classifier(&policy(
+        vec![
+            with_dst(rule("wide-drop", Verdict::Drop), &["10.0.0.0/8"]),
+            with_dst(rule("narrow-pass", Verdict::Pass), &["10.1.0.0/16"]),
+        ],
+        Verdict::Pass,
+    ));
+    assert_eq!(run(&mut c, &v4_udp("10.1.2.3", 53)), TC_ACT_SHOT);
+    assert_eq!(
+        packets(&c),
+        counts(&[("wide-drop", 1), ("narrow-pass", 0), ("default", 0)])
+    );
+}
+
+#[test]
+fn source_and_destination_prefixes_must_both_match() {
+    let mut r = with_dst(rule("from-a-to-b", Verdict::Drop), &["10.0.0.0/8"]);
+    r.src = vec!["192.0.2.0/24".parse().unwrap()];
+    let mut c = classifier(&policy(vec![r], Verdict::Pass));
+    assert_eq!(run(&mut c, &v4_udp("10.0.0.1", 1)), TC_ACT_SHOT);
+    let other_source = ipv4(UDP, "198.51.100.1", "10.0.0.1", 0, &ports(1, 1));
+    assert_eq!(run(&mut c, &other_source), TC_ACT_OK);
+    assert_eq!(packets(&c), counts(&[("from-a-to-b", 1), ("default", 1)]));
+}
+
+#[test]
+fn destination_port_range_is_inclusive_and_needs_the_protocol() {
+    let mut r = rule("web", Verdict::Drop);
+    r.proto = Some(TCP);
+    r.dst_ports = Some(8000..=8080);
+    let mut c = classifier(&policy(vec![r], Verdict::Pass));
+    assert_eq!(run(&mut c, &v4_tcp("203.0.113.5", 7999)), TC_ACT_OK);
+    assert_eq!(run(&mut c, &v4_tcp("203.0.113.5", 8000)), TC_ACT_SHOT);
+    assert_eq!(run(&mut c, &v4_tcp("203.0.113.5", 8080)), TC_ACT_SHOT);
+    assert_eq!(run(&mut c, &v4_tcp("203.0.113.5", 8081)), TC_ACT_OK);
+    assert_eq!(run(&mut c, &v4_udp("203.0.113.5", 8000)), TC_ACT_OK);
+    assert_eq!(packets(&c), counts(&[("web", 2), ("default", 3)]));
+}
+
+#[test]
+fn default_verdict_applies_when_no_rule_matches() {
+    let mut c = classifier(&policy(
+        vec![with_dst(
+            rule("only-this", Verdict::Pass),
+            &["198.51.100.7"],
+        )],
+        Verdict::Drop,
+    ));
+    assert_eq!(run(&mut c, &v4_udp("198.51.100.7", 1)), TC_ACT_OK);
+    assert_eq!(run(&mut c, &v4_udp("198.51.100.8", 1)), TC_ACT_SHOT);
+    let v6 = ipv6("2001:db8::9", &[], UDP, &ports(1, 1));
+    assert_eq!(run(&mut c, &v6), TC_ACT_SHOT);
+    assert_eq!(packets(&c), counts(&[("only-this", 1), ("default", 2)]));
+}
+
+#[test]
+fn ipv6_rules_match_by_prefix_protocol_and_port() {
+    let mut r = with_dst(rule("ula-dns", Verdict::Drop), &["fd00::/8"]);
+    r.proto = Some(UDP);
+    r.dst_ports = Some(53..=53);
+    let v4_only = with_dst(rule("v4-only", Verdict::Drop), &["0.0.0.0/0"]);
+    let mut c = classifier(&policy(vec![r, v4_only], Verdict::Pass));
+    assert_eq!(
+        run(&mut c, &ipv6("fd12::1", &[], UDP, &ports(5000, 53))),
+        TC_ACT_SHOT
+    );
+    assert_eq!(
+        run(&mut c, &ipv6("2001:db8::1", &[], UDP, &ports(5000, 53))),
+        TC_ACT_OK
+    );
+    assert_eq!(run(&mut c, &v4_udp("10.0.0.1", 53)), TC_ACT_SHOT);
+    assert_eq!(
+        packets(&c),
+        counts(&[("ula-dns", 1), ("v4-only", 1), ("default", 1)])
+    );
+}
+
+#[test]
+fn ipv6_extension_headers_are_walked_to_find_the_port() {
+    let mut r = with_dst(rule("https", Verdict::Drop), &["2001:db8::/32"]);
+    r.proto = Some(TCP);
+    r.dst_ports = Some(443..=443);
+    let mut c = classifier(&policy(vec![r], Verdict::Pass));
+    let chain = vec![
+        (0u8, ext_options()),
+        (43u8, ext_routing_long()),
+        (60u8, ext_options()),
+        (44u8, ext_fragment(0, true)),
+        (51u8, ext_ah()),
+    ];
+    assert_eq!(
+        run(&mut c, &ipv6("2001:db8::5", &chain, TCP, &ports(1234, 443))),
+        TC_ACT_SHOT
+    );
+    assert_eq!(
+        run(&mut c, &ipv6("2001:db8::5", &chain, TCP, &ports(1234, 444))),
+        TC_ACT_OK
+    );
+    // Seven extension headers exceed the walk's bound: L4 stays unknown, so no port rule matches.
+    let too_many: Vec<(u8, Vec<u8>)> = (0..7).map(|_| (60u8, ext_options())).collect();
+    assert_eq!(
+        run(
+            &mut c,
+            &ipv6("2001:db8::5", &too_many, TCP, &ports(1234, 443))
+        ),
+        TC_ACT_OK
+    );
+    assert_eq!(packets(&c), counts(&[("https", 1), ("default", 2)]));
+}
+
+#[test]
+fn non_first_fragments_match_only_rules_without_ports() {
+    let mut dns = with_dst(rule("dns", Verdict::Drop), &["2001:db8::/32", "10.0.0.0/8"]);
+    dns.proto = Some(UDP);
+    dns.dst_ports = Some(53..=53);
+    let mut udp = with_dst(
+        rule("udp", Verdict::Tunnel),
+        &["2001:db8::/32", "10.0.0.0/8"],
+    );
+    udp.proto = Some(UDP);
+    let mut c = classifier(&policy(vec![dns, udp], Verdict::Pass));
+    let first = ipv6(
+        "2001:db8::5",
+        &[(44, ext_fragment(0, true))],
+        UDP,
+        &ports(1, 53),
+    );
+    let later = ipv6(
+        "2001:db8::5",
+        &[(44, ext_fragment(100, false))],
+        UDP,
+        &ports(1, 53),
+    );
+    assert_eq!(run(&mut c, &first), TC_ACT_SHOT);
+    assert_eq!(run(&mut c, &later), TC_ACT_REDIRECT);
+    // IPv4: fragment offset 100 (units of 8 bytes), then a first fragment with MF set.
+    assert_eq!(
+        run(
+            &mut c,
+            &ipv4(UDP, "192.0.2.1", "10.0.0.1", 100, &ports(1, 53))
+        ),
+        TC_ACT_REDIRECT
+    );
+    assert_eq!(
+        run(
+            &mut c,
+            &ipv4(UDP, "192.0.2.1", "10.0.0.1", 0x2000, &ports(1, 53))
+        ),
+        TC_ACT_SHOT
+    );
+    assert_eq!(
+        packets(&c),
+        counts(&[("dns", 2), ("udp", 2), ("default", 0)])
+    );
+}
+
+#[test]
+fn truncated_packets_fall_to_rules_without_l4_requirements() {
+    let mut web = rule("web", Verdict::Drop);
+    web.proto = Some(TCP);
+    web.dst_ports = Some(80..=80);
+    let mut tcp = rule("any-tcp", Verdict::Tunnel);
+    tcp.proto = Some(TCP);
+    let mut v4 = rule("v4", Verdict::Divert);
+    v4.family = Family::V4;
+    let anything = rule("anything", Verdict::Drop);
+    let mut c = classifier(&policy(vec![web, tcp, v4, anything], Verdict::Pass));
+
+    let full = v4_tcp("203.0.113.1", 80);
+    assert_eq!(run(&mut c, &full), TC_ACT_SHOT);
+    // IPv4 header intact, TCP header cut to 2 bytes: protocol known, ports not.
+    let short_l4 = &full[..14 + 20 + 2];
+    assert_eq!(run(&mut c, short_l4), TC_ACT_REDIRECT);
+    // IPv4 header cut: nothing above Ethernet is known. (The kernel's test run refuses an
+    // untagged IPv4 frame shorter than an IPv4 header, so the cut frame carries a VLAN tag.)
+    let short_l3 = vlan(&full[..14 + 12]);
+    assert_eq!(run(&mut c, &short_l3), TC_ACT_SHOT);
+    // An IPv4 header claiming IHL < 5.
+    let mut bad_ihl = full.clone();
+    bad_ihl[14] = 0x43;
+    assert_eq!(run(&mut c, &bad_ihl), TC_ACT_SHOT);
+    // Truncated IPv6 extension header chain.
+    let v6 = ipv6("2001:db8::1", &[(0, ext_options())], TCP, &ports(1, 80));
+    assert_eq!(run(&mut c, &v6[..14 + 40 + 1]), TC_ACT_SHOT);
+    let short_v6 = vlan(&v6[..14 + 39]);
+    assert_eq!(run(&mut c, &short_v6), TC_ACT_SHOT);
+    // The same truncated IPv4 header inside a VLAN tag as a full one: the tag is skipped.
+    assert_eq!(run(&mut c, &vlan(&full)), TC_ACT_SHOT);
+    assert_eq!(
+        packets(&c),
+        counts(&[
+            ("web", 2),
+            ("any-tcp", 1),
+            ("v4", 0),
+            ("anything", 4),
+            ("default", 0)
+        ])
+    );
+}
+
+#[test]
+fn garbage_and_non_ip_frames_only_match_unconstrained_rules() {
+    let mut udp = rule("udp", Verdict::Drop);
+    udp.proto = Some(UDP);
+    let mut c = classifier(&policy(vec![udp], Verdict::Pass));
+    let arp = ethernet(0x0806, &[0u8; 28]);
+    assert_eq!(run(&mut c, &arp), TC_ACT_OK);
+    let mut state = 0x1234_5678_u32;
+    for len in [14usize, 15, 33, 54, 60, 200, 1500] {
+        let bytes: Vec<u8> = (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 17;
+                state ^= state << 5;
+                state as u8
+            })
+            .collect();
+        for ethertype in [0x0800u16, 0x86dd, 0x8100] {
+            // Behind a VLAN tag, so the kernel's test run hands over even frames whose IP header
+            // it would refuse untagged.
+            let mut frame = bytes.clone();
+            frame[12..14].copy_from_slice(&ethertype.to_be_bytes());
+            let frame = vlan(&frame);
+            let verdict = run(&mut c, &frame);
+            assert!(
+                verdict == TC_ACT_OK || verdict == TC_ACT_SHOT,
+                "verdict {verdict} for {len} random bytes"
+            );
+        }
+    }
+    let total: u64 = packets(&c).iter().map(|(_, p)| p).sum();
+    assert_eq!(total, 1 + 7 * 3);
+}
+
+#[test]
+fn reinjected_packets_pass_untouched_and_uncounted() {
+    let mut c = classifier(&policy(vec![rule("all", Verdict::Divert)], Verdict::Drop));
+    let packet = v4_udp("169.254.169.254", 80);
+    assert_eq!(run(&mut c, &packet), TC_ACT_REDIRECT);
+    assert_eq!(run_with_mark(&mut c, &packet, REINJECT_MARK), TC_ACT_OK);
+    assert_eq!(
+        run_with_mark(&mut c, &packet, REINJECT_MARK + 1),
+        TC_ACT_REDIRECT
+    );
+    assert_eq!(packets(&c), counts(&[("all", 2), ("default", 0)]));
+}
+
+#[test]
+fn diverted_and_tunnelled_flows_record_the_socket_uid() {
+    let mut metadata = with_dst(rule("metadata", Verdict::Divert), &["169.254.169.254"]);
+    metadata.proto = Some(TCP);
+    let ula = with_dst(rule("ula", Verdict::Tunnel), &["fd68::/16"]);
+    let mut c = classifier(&policy(vec![metadata, ula], Verdict::Pass));
+    assert_eq!(run(&mut c, &v4_tcp("169.254.169.254", 80)), TC_ACT_REDIRECT);
+    assert_eq!(
+        run(&mut c, &ipv6("fd68::1", &[], UDP, &ports(7, 9))),
+        TC_ACT_REDIRECT
+    );
+    let key = flow_key(
+        IpAddr::V4("192.0.2.1".parse().unwrap()),
+        IpAddr::V4("169.254.169.254".parse().unwrap()),
+        TCP,
+        40000,
+        80,
+    );
+    let flow = c.flow(&key).unwrap().expect("diverted flow recorded");
+    // BPF_PROG_TEST_RUN gives the packet a fake socket owned by root.
+    assert_eq!(flow.uid, 0);
+    assert_eq!(flow.verdict, Verdict::Divert as u8);
+    assert_eq!(flow.rule, 0);
+    assert_eq!(c.flows().unwrap().len(), 2);
+}
+
+#[test]
+fn redirect_without_a_target_device_drops() {
+    let mut c = Classifier::load(&ClassifierOptions::default()).unwrap();
+    c.install_spec(&policy(vec![rule("all", Verdict::Tunnel)], Verdict::Pass))
+        .unwrap();
+    assert_eq!(run(&mut c, &v4_udp("10.0.0.1", 1)), TC_ACT_SHOT);
+    assert!(c.flows().unwrap().is_empty());
+}
+
+#[test]
+fn reload_replaces_the_policy_and_leaves_no_stale_prefixes() {
+    let mut c = classifier(&policy(
+        vec![with_dst(rule("drop-ten", Verdict::Drop), &["10.0.0.0/8"])],
+        Verdict::Pass,
+    ));
+    let packet = v4_udp("10.1.1.1", 1);
+    assert_eq!(run(&mut c, &packet), TC_ACT_SHOT);
+    let first_set = c.active_set();
+    c.install_spec(&policy(vec![], Verdict::Pass)).unwrap();
+    assert_ne!(c.active_set(), first_set);
+    assert_eq!(run(&mut c, &packet), TC_ACT_OK);
+    // Back in the first set: the old 10/8 entry must be gone.
+    c.install_spec(&policy(
+        vec![with_dst(
+            rule("drop-192", Verdict::Drop),
+            &["192.168.0.0/16"],
+        )],
+        Verdict::Pass,
+    ))
+    .unwrap();
+    assert_eq!(c.active_set(), first_set);
+    assert_eq!(run(&mut c, &packet), TC_ACT_OK);
+    assert_eq!(run(&mut c, &v4_udp("192.168.1.1", 1)), TC_ACT_SHOT);
+    assert_eq!(packets(&c), counts(&[("drop-192", 1), ("default", 1)]));
+}
+
+#[test]
+fn thousand_prefix_policy_loads_and_matches() {
+    let v4: Vec<String> = (0..1000)
+        .map(|i| format!("10.{}.{}.0/24", i / 256, i % 256))
+        .collect();
+    let v6: Vec<String> = (0..1000).map(|i| format!("fd00:{i:x}::/32")).collect();
+    let mut r = rule("thousand", Verdict::Drop);
+    r.dst = v4.iter().chain(&v6).map(|p| p.parse().unwrap()).collect();
+    let mut c = classifier(&policy(vec![r], Verdict::Pass));
+    assert_eq!(run(&mut c, &v4_udp("10.3.231.9", 1)), TC_ACT_SHOT);
+    assert_eq!(run(&mut c, &v4_udp("10.3.232.9", 1)), TC_ACT_OK);
+    assert_eq!(
+        run(&mut c, &ipv6("fd00:3e7::1", &[], UDP, &ports(1, 1))),
+        TC_ACT_SHOT
+    );
+    assert_eq!(packets(&c), counts(&[("thousand", 2), ("default", 1)]));
+}
+
+#[test]
+fn example_thousand_prefix_policy_file_loads_into_the_classifier() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/policies/prefixes-1000.toml");
+    let compiled = hoshino_agent::policy::load(&path).expect("example policy compiles");
+    let mut c = Classifier::load(&ClassifierOptions::default()).unwrap();
+    c.install(&compiled).expect("1,000 prefixes fit");
+    assert_eq!(run(&mut c, &v4_udp("198.18.0.77", 5201)), TC_ACT_SHOT);
+    assert_eq!(run(&mut c, &v4_udp("10.0.0.1", 5201)), TC_ACT_OK);
+    let stats = c.rule_stats().unwrap();
+    assert_eq!(
+        stats.first().map(|r| (r.name.as_str(), r.packets)),
+        Some(("block-0", 1))
+    );
+    assert_eq!(
+        stats.last().map(|r| (r.name.as_str(), r.packets)),
+        Some(("default", 1))
+    );
+}
+
+#[test]
+fn uid_ranges_select_rules_by_the_sending_socket() {
+    let mut users = rule("users", Verdict::Drop);
+    users.uids = Some(1..=u32::MAX);
+    let mut root = rule("root", Verdict::Tunnel);
+    root.uids = Some(0..=0);
+    let mut c = classifier(&policy(vec![users, root], Verdict::Pass));
+    // BPF_PROG_TEST_RUN's fake socket belongs to root.
+    assert_eq!(run(&mut c, &v4_udp("10.0.0.1", 1)), TC_ACT_REDIRECT);
+    assert_eq!(
+        packets(&c),
+        counts(&[("users", 0), ("root", 1), ("default", 0)])
+    );
+}

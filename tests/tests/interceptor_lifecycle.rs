@@ -1,0 +1,162 @@
+//! The `attach` agent's life: a 1,000-prefix policy loads and decides, SIGHUP reloads without
+//! detaching (a broken file keeps the old policy), SIGTERM detaches, and `kill -9` leaves no
+//! filter behind. In namespaces the tests create; needs root.
+
+mod interceptor_support;
+
+use std::time::Duration;
+
+use interceptor_support::*;
+
+const IAM: &str = "/latest/meta-data/iam/security-credentials/";
+
+fn iam_as_user(bed: &MetadataBed) -> Fetch {
+    bed.fetch(Some(1000), &format!("http://{IMDS_V4}{IAM}"))
+}
+
+#[test]
+fn thousand_prefix_policy_loads_and_drops_only_listed_networks() {
+    let bed = MetadataBed::new();
+    // A listed network (198.18.5.0/24, 2001:db8:5::/64) behind the peer namespace.
+    bed.imds
+        .ip(&["addr", "add", "198.18.5.1/32", "dev", "lo"])
+        .expect("addr");
+    bed.imds
+        .ip(&["addr", "add", "2001:db8:5::1/128", "dev", "lo", "nodad"])
+        .expect("addr");
+    bed.client
+        .ip(&["route", "add", "198.18.5.0/24", "via", SERVER_V4])
+        .expect("route");
+    bed.client
+        .ip(&["-6", "route", "add", "2001:db8:5::/64", "via", SERVER_V6])
+        .expect("route");
+    bed.client
+        .run("ping", &["-c", "1", "-W", "2", "198.18.5.1"])
+        .expect("reachable before");
+
+    let agent = bed.attach(&example_policy("prefixes-1000.toml"), &[]);
+    assert!(
+        agent.log_text().contains("rules=10"),
+        "{}",
+        agent.log_text()
+    );
+    assert!(
+        bed.client
+            .run("ping", &["-c", "1", "-W", "1", "198.18.5.1"])
+            .is_err(),
+        "v4 dropped"
+    );
+    assert!(
+        bed.client
+            .run("ping", &["-6", "-c", "1", "-W", "1", "2001:db8:5::1"])
+            .is_err(),
+        "v6 dropped"
+    );
+    bed.client
+        .run("ping", &["-c", "1", "-W", "2", SERVER_V4])
+        .expect("unlisted v4 passes");
+    bed.client
+        .run("ping", &["-6", "-c", "1", "-W", "2", SERVER_V6])
+        .expect("unlisted v6 passes");
+}
+
+#[test]
+fn sighup_with_a_broken_policy_keeps_the_old_one() {
+    let bed = MetadataBed::new();
+    let policy = bed.policy_copy(&example_policy("metadata.toml"), "policy.toml");
+    let mut agent = bed.attach(&policy, &[]);
+    assert_eq!(iam_as_user(&bed).code, 56);
+
+    let text = std::fs::read_to_string(&policy).expect("read policy");
+    let line = 1 + text
+        .lines()
+        .position(|l| l == "action = \"divert\"")
+        .expect("metadata.toml has a divert rule");
+    std::fs::write(
+        &policy,
+        text.replacen("action = \"divert\"", "action = \"divret\"", 1),
+    )
+    .expect("break");
+    agent.signal(libc::SIGHUP);
+    agent.wait_for_log(
+        "policy reload failed, keeping the current policy",
+        1,
+        Duration::from_secs(10),
+    );
+    let log = agent.log_text();
+    let shown = policy.display().to_string();
+    assert!(
+        log.lines()
+            .any(|l| l.contains(&format!("{shown}:{line}:10: unknown verdict `divret`"))),
+        "the log names FILE:LINE:COL and the problem:\n{log}"
+    );
+    let f = iam_as_user(&bed);
+    assert_eq!(f.code, 56, "old policy still resets: {f:?}");
+    assert!(
+        bed.fetch(
+            Some(1000),
+            &format!("http://{IMDS_V4}/latest/meta-data/instance-id")
+        )
+        .ok()
+    );
+}
+
+#[test]
+fn sighup_with_a_good_policy_replaces_it_without_detaching() {
+    let bed = MetadataBed::new();
+    let policy = bed.policy_copy(&example_policy("metadata.toml"), "policy.toml");
+    let mut agent = bed.attach(&policy, &[]);
+    assert_eq!(iam_as_user(&bed).code, 56);
+
+    std::fs::write(
+        &policy,
+        "default = \"pass\"\n[[rule]]\nname = \"imds-all\"\ndst = [\"169.254.169.254\"]\nprotocol = \"tcp\"\ndport = 80\naction = \"divert\"\n[rule.http]\ndefault = \"allow\"\n",
+    )
+    .expect("rewrite");
+    agent.signal(libc::SIGHUP);
+    agent.wait_for_log("policy reloaded", 1, Duration::from_secs(10));
+    let f = iam_as_user(&bed);
+    assert!(f.ok(), "new policy allows: {f:?}\n{}", agent.log_text());
+    assert_eq!(
+        agent.log_text().matches(READY_LINE).count(),
+        1,
+        "attached once"
+    );
+}
+
+#[test]
+fn sigterm_detaches_and_removes_the_divert_tun() {
+    let bed = MetadataBed::new();
+    let mut agent = bed.attach(&example_policy("metadata.toml"), &[]);
+    assert!(bed.client_links().contains("hoshinodv0"));
+    let status = agent.stop();
+    assert!(status.success(), "{status}\n{}", agent.log_text());
+    assert!(agent.log_text().contains("interceptor detached"));
+    assert!(
+        !bed.client_links().contains("hoshinodv0"),
+        "{}",
+        bed.client_links()
+    );
+    assert_eq!(bed.egress_filters(), "");
+    let f = iam_as_user(&bed);
+    assert!(f.ok(), "nothing intercepts after detach: {f:?}");
+}
+
+#[test]
+fn kill_9_leaves_no_filter_behind() {
+    let bed = MetadataBed::new();
+    let mut agent = bed.attach(&example_policy("metadata.toml"), &[]);
+    assert_eq!(iam_as_user(&bed).code, 56);
+    agent.signal(libc::SIGKILL);
+    agent.wait_exit(Duration::from_secs(5));
+    // A TCX link dies with the agent's descriptors; a leftover filter would still redirect the
+    // request into a TUN nobody reads, and the fetch would time out.
+    let f = iam_as_user(&bed);
+    assert!(f.ok(), "traffic flows after kill -9: {f:?}");
+    assert_eq!(bed.egress_filters(), "", "no clsact filter remains");
+    assert!(
+        !bed.client_links().contains("hoshinodv0"),
+        "{}",
+        bed.client_links()
+    );
+}

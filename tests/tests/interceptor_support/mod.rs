@@ -1,0 +1,346 @@
+//! Shared pieces of the interceptor end-to-end tests: a client namespace wired to a namespace
+//! holding a fake instance-metadata HTTP server (at 169.254.169.254 and fd00:ec2::254, which
+//! exist only inside these namespaces), and an `attach` agent process.
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hoshino_tests::binaries;
+use hoshino_tests::command;
+use hoshino_tests::netns::Namespace;
+use hoshino_tests::process::Spawned;
+use hoshino_tests::scratch::ScratchDir;
+
+pub const CLIENT_V4: &str = "10.232.0.2";
+pub const SERVER_V4: &str = "10.232.0.1";
+pub const CLIENT_V6: &str = "fd00:232::2";
+pub const SERVER_V6: &str = "fd00:232::1";
+pub const IMDS_V4: &str = "169.254.169.254";
+pub const IMDS_V6: &str = "fd00:ec2::254";
+pub const INSTANCE_ID: &str = "i-0123456789abcdef0";
+pub const CREDENTIALS: &str = "hoshino-test-role";
+pub const METRICS_PORT: u16 = 9464;
+
+/// The repository root (examples live there).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+pub fn example_policy(name: &str) -> PathBuf {
+    repo_root().join("examples/policies").join(name)
+}
+
+/// Client and fake metadata server, joined by a veth pair (`eth0` on both sides). Field order
+/// is drop order: the server process, then the namespaces, then the scratch directory.
+pub struct MetadataBed {
+    server: Spawned,
+    pub client: Namespace,
+    pub imds: Namespace,
+    pub scratch: ScratchDir,
+}
+
+/// What a `curl` run returned.
+#[derive(Debug)]
+pub struct Fetch {
+    /// curl's exit code (0 ok, 7 refused, 28 timeout, 52 empty reply, 56 reset).
+    pub code: i32,
+    pub body: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+impl Fetch {
+    pub fn ok(&self) -> bool {
+        self.code == 0
+    }
+}
+
+impl MetadataBed {
+    pub fn new() -> Self {
+        let scratch = ScratchDir::create("imds").expect("scratch dir");
+        let client = Namespace::create("mdc").expect("client namespace");
+        let imds = Namespace::create("mds").expect("metadata namespace");
+        client
+            .ip(&[
+                "link",
+                "add",
+                "eth0",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                imds.name(),
+            ])
+            .expect("veth pair");
+        for (ns, v4, v6) in [
+            (&client, CLIENT_V4, CLIENT_V6),
+            (&imds, SERVER_V4, SERVER_V6),
+        ] {
+            ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", "eth0"])
+                .expect("v4 address");
+            ns.ip(&["addr", "add", &format!("{v6}/64"), "dev", "eth0", "nodad"])
+                .expect("v6 address");
+            ns.ip(&["link", "set", "eth0", "up"]).expect("link up");
+        }
+        imds.ip(&["addr", "add", &format!("{IMDS_V4}/32"), "dev", "lo"])
+            .expect("imds v4");
+        imds.ip(&[
+            "addr",
+            "add",
+            &format!("{IMDS_V6}/128"),
+            "dev",
+            "lo",
+            "nodad",
+        ])
+        .expect("imds v6");
+        client
+            .ip(&["route", "add", &format!("{IMDS_V4}/32"), "via", SERVER_V4])
+            .expect("route v4");
+        client
+            .ip(&[
+                "-6",
+                "route",
+                "add",
+                &format!("{IMDS_V6}/128"),
+                "via",
+                SERVER_V6,
+            ])
+            .expect("route v6");
+
+        let root = scratch.path().join("www");
+        let meta = root.join("latest/meta-data");
+        for (path, body) in [
+            ("instance-id", INSTANCE_ID),
+            ("placement/availability-zone", "eu-test-1a"),
+            ("iam/security-credentials/index.html", CREDENTIALS),
+            ("iam/info", "{\"Code\":\"Success\"}"),
+        ] {
+            let file = meta.join(path);
+            std::fs::create_dir_all(file.parent().expect("has parent")).expect("mkdir");
+            std::fs::write(&file, body).expect("write fixture");
+        }
+        let log = File::create(scratch.path().join("imds-server.log")).expect("server log");
+        let child = imds
+            .command("python3")
+            .args(["-m", "http.server", "80", "--bind", "::", "--directory"])
+            .arg(&root)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log)
+            .spawn()
+            .expect("start the fake metadata server");
+        let bed = Self {
+            server: Spawned::new("fake imds", child),
+            client,
+            imds,
+            scratch,
+        };
+        bed.wait_for_server();
+        bed
+    }
+
+    fn wait_for_server(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let out = command::output(self.imds.command("curl").args([
+                "-sS",
+                "-m",
+                "1",
+                "-o",
+                "/dev/null",
+                "http://[::1]/latest/",
+            ]))
+            .expect("curl runs");
+            if out.status.success() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "fake metadata server did not come up"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `curl URL` in the client namespace as `uid` (root if None), 5 s limit.
+    pub fn fetch(&self, uid: Option<u32>, url: &str) -> Fetch {
+        let mut cmd = match uid {
+            None => self.client.command("curl"),
+            Some(uid) => {
+                let mut c = self.client.command("setpriv");
+                c.args([
+                    &format!("--reuid={uid}"),
+                    &format!("--regid={uid}"),
+                    "--clear-groups",
+                    "curl",
+                ]);
+                c
+            }
+        };
+        cmd.args(["-sS", "-g", "-m", "5", url]);
+        let start = Instant::now();
+        let out = command::output(&mut cmd).expect("curl runs");
+        Fetch {
+            code: out.status.code().unwrap_or(-1),
+            body: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            elapsed: start.elapsed(),
+        }
+    }
+
+    /// A copy of `policy` in the scratch directory (so a test may rewrite it).
+    pub fn policy_copy(&self, policy: &Path, name: &str) -> PathBuf {
+        let dest = self.scratch.path().join(name);
+        std::fs::copy(policy, &dest).expect("copy policy");
+        dest
+    }
+
+    /// Starts `hoshino-agent attach` on the client's `eth0` and waits until it is attached.
+    pub fn attach(&self, policy: &Path, extra: &[&str]) -> AttachedAgent {
+        AttachedAgent::start(&self.client, self.scratch.path(), "eth0", policy, extra)
+    }
+
+    /// The client's clsact filters on eth0 egress (a TCX link shows up in the tests as
+    /// behaviour: a diverted request being reset).
+    pub fn egress_filters(&self) -> String {
+        command::output(Command::new("tc").args([
+            "-n",
+            self.client.name(),
+            "filter",
+            "show",
+            "dev",
+            "eth0",
+            "egress",
+        ]))
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+    }
+
+    /// Links in the client namespace (`ip -o link`), to see the divert TUN come and go.
+    pub fn client_links(&self) -> String {
+        self.client.ip(&["-o", "link"]).unwrap_or_default()
+    }
+}
+
+/// An `attach` agent process with its log file.
+pub struct AttachedAgent {
+    process: Spawned,
+    log: PathBuf,
+}
+
+pub const READY_LINE: &str = "interceptor attached";
+
+static AGENTS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+impl AttachedAgent {
+    pub fn start(
+        ns: &Namespace,
+        dir: &Path,
+        interface: &str,
+        policy: &Path,
+        extra: &[&str],
+    ) -> Self {
+        Self::start_configured(ns, dir, interface, policy, extra, |_| {})
+    }
+
+    /// Like [`Self::start`], with a hook to adjust the command (environment for S3).
+    pub fn start_configured(
+        ns: &Namespace,
+        dir: &Path,
+        interface: &str,
+        policy: &Path,
+        extra: &[&str],
+        configure: impl FnOnce(&mut Command),
+    ) -> Self {
+        let n = AGENTS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let log = dir.join(format!("agent-attach-{n}.log"));
+        let out = File::create(&log).expect("agent log");
+        let err = out.try_clone().expect("agent log fd");
+        let mut cmd = ns.command(binaries::agent().expect("hoshino-agent binary"));
+        cmd.arg("attach")
+            .args(["--interface", interface])
+            .arg("--policy")
+            .arg(policy)
+            .args(extra)
+            .env("NO_COLOR", "1")
+            .env(
+                "RUST_LOG",
+                std::env::var("HOSHINO_TEST_AGENT_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        configure(&mut cmd);
+        let child = cmd.spawn().expect("start hoshino-agent attach");
+        let mut agent = Self {
+            process: Spawned::new("hoshino-agent attach", child),
+            log,
+        };
+        agent.wait_for_log(READY_LINE, 1, Duration::from_secs(30));
+        agent
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until `needle` appears at least `count` times in the log.
+    pub fn wait_for_log(&mut self, needle: &str, count: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let text = self.log_text();
+            if text.matches(needle).count() >= count {
+                return;
+            }
+            if let Some(status) = self.process.try_status() {
+                panic!("agent exited with {status} before logging `{needle}`:\n{text}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent did not log `{needle}` within {timeout:?}:\n{text}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn signal(&self, signal: libc::c_int) {
+        // SAFETY: kill(2) on the pid of a child this test started and still owns.
+        unsafe {
+            libc::kill(self.pid() as libc::pid_t, signal);
+        }
+    }
+
+    /// SIGTERM and wait for the exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        self.process
+            .terminate(Duration::from_secs(10))
+            .expect("agent exits on SIGTERM")
+    }
+
+    /// Waits for the process to exit (after a signal sent with [`Self::signal`]).
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.process.try_status() {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent did not exit within {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
