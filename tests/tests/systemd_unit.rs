@@ -180,7 +180,7 @@ fn unit_runs_the_tunnel_unprivileged_with_only_net_admin_after_the_network_is_on
 }
 
 #[test]
-fn attach_drop_in_adds_bpf_and_perfmon_and_runs_attach_instead_of_tunnel() {
+fn attach_drop_in_adds_bpf_perfmon_and_raw_sockets_and_runs_attach_instead_of_tunnel() {
     let mut d = directives(&read(&deploy_dir().join("hoshino-agent.service")));
     d.extend(directives(&read(
         &deploy_dir().join("hoshino-agent.service.d/attach.conf"),
@@ -192,8 +192,8 @@ fn attach_drop_in_adds_bpf_and_perfmon_and_runs_attach_instead_of_tunnel() {
         )) && exec.ends_with(" --policy /etc/hoshino/policy.toml"),
         "drop-in ExecStart: {exec}"
     );
-    let caps = ["CAP_BPF", "CAP_NET_ADMIN", "CAP_PERFMON"];
-    // The drop-in's lines add to the unit's; the union must still be exactly these three.
+    let caps = ["CAP_BPF", "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_PERFMON"];
+    // The drop-in's lines add to the unit's; the union must still be exactly these four.
     let mut ambient = words(&d, "Service", "AmbientCapabilities");
     ambient.dedup();
     let mut bounding = words(&d, "Service", "CapabilityBoundingSet");
@@ -201,4 +201,5 @@ fn attach_drop_in_adds_bpf_and_perfmon_and_runs_attach_instead_of_tunnel() {
     assert_eq!(ambient, caps);
     assert_eq!(bounding, caps);
     assert!(words(&d, "Service", "SystemCallFilter").contains(&"bpf".to_owned()));
+    assert_eq!(one(&d, "Service", "ExecReload"), "/bin/kill -HUP $MAINPID");
 }
