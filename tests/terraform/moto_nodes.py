@@ -2,8 +2,8 @@
 enforcement on.
 
 For each node id: an IAM user, a managed policy rendered from policy.json.tftpl (the same template
-Terraform deploys), the attachment and an access key. The bucket is created first, while moto still
-accepts any request. Finally `POST /moto-api/reset-auth` with body 0 makes every later request
+Terraform deploys), the attachment and an access key. The bucket is created first (unless it
+exists), while moto still accepts any request. Finally `POST /moto-api/reset-auth` with body 0 makes every later request
 authenticate and pass IAM policy evaluation.
 
 Usage: moto_nodes.py ENDPOINT BUCKET NODE_ID...
@@ -27,7 +27,8 @@ def main():
     iam = session.client("iam", endpoint_url=endpoint)
     s3 = session.client("s3", endpoint_url=endpoint,
                         config=botocore.config.Config(s3={"addressing_style": "path"}))
-    s3.create_bucket(Bucket=bucket)
+    if bucket not in {b["Name"] for b in s3.list_buckets().get("Buckets", [])}:
+        s3.create_bucket(Bucket=bucket)
     lines = []
     for node_id in node_ids:
         name = f"hoshino-node-{node_id}"

@@ -38,13 +38,13 @@ impl Moto {
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
             .unwrap_or_else(|e| panic!("no free loopback port: {e}"));
-        let child = Command::new("moto_server")
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        let child = Command::new("python3")
+            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| {
-                panic!("cannot start moto_server (scripts/bootstrap.sh installs it): {e}")
+                panic!("cannot start python3 -m moto.server (scripts/bootstrap.sh installs moto): {e}")
             });
         let moto = Moto {
             child,
@@ -54,7 +54,7 @@ impl Moto {
         while TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_err() {
             assert!(
                 Instant::now() < deadline,
-                "moto_server did not listen on port {port} within 30 s"
+                "moto did not listen on port {port} within 30 s"
             );
             std::thread::sleep(Duration::from_millis(100));
         }
