@@ -1,0 +1,266 @@
+//! Wires the tunnel: node address, TUN, netlink configuration, S3 store, egress and ingress
+//! loops, metrics endpoint; and takes it all down again on shutdown.
+//!
+//! Library API for other subcommands (e.g. `attach`): `Tunnel::start(config)` returns a running
+//! tunnel exposing the TUN's name and index (to redirect traffic into it), the node address and
+//! the shared `Metrics`; `Tunnel::stop()` removes everything from the kernel. `run(config,
+//! shutdown)` does both around a shutdown future.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::bundle::{MAX_BUNDLE_BYTES, NetworkKey};
+use crate::bundler::{Bundler, BundlerConfig};
+use crate::egress::Egress;
+use crate::heartbeat::HeartbeatConfig;
+use crate::ingress::Ingress;
+use crate::metrics::Metrics;
+use crate::netlink::{LinkConfig, Netlink, NetlinkError};
+use crate::node_addr::{NetworkPrefix, NodeAddr, NodeAddrError, NodeId};
+use crate::s3::{S3Settings, Store};
+use crate::tun_device::{self, TunError};
+
+/// Smallest MTU IPv6 allows.
+pub const MIN_MTU: u32 = 1280;
+/// Default TUN MTU (the seed's).
+pub const DEFAULT_MTU: u32 = 53_049;
+
+/// Everything the tunnel needs, resolved from flags, environment and config file.
+#[derive(Debug, Clone)]
+pub struct TunnelConfig {
+    pub s3: S3Settings,
+    pub tun_name: String,
+    pub mtu: u32,
+    pub prefix: NetworkPrefix,
+    pub machine_id_file: PathBuf,
+    pub metrics_listen: Option<SocketAddr>,
+    pub network_key_file: Option<PathBuf>,
+    pub heartbeat: HeartbeatConfig,
+    pub bundler: BundlerConfig,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    #[error(transparent)]
+    NodeAddr(#[from] NodeAddrError),
+    #[error("cannot read network key file {path}: {reason}")]
+    KeyFile { path: PathBuf, reason: String },
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error(transparent)]
+    Tun(#[from] TunError),
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    #[error(transparent)]
+    MetricsHttp(#[from] crate::metrics_http::MetricsHttpError),
+}
+
+impl TunnelError {
+    /// Configuration problems (exit code 2) as opposed to runtime faults (exit code 1).
+    pub fn is_config_error(&self) -> bool {
+        matches!(
+            self,
+            TunnelError::NodeAddr(_) | TunnelError::KeyFile { .. } | TunnelError::Config(_)
+        ) || matches!(self, TunnelError::Tun(TunError::BadName(_)))
+    }
+}
+
+impl TunnelConfig {
+    pub fn validate(&self) -> Result<(), TunnelError> {
+        if !(MIN_MTU..=65_535).contains(&self.mtu) {
+            return Err(TunnelError::Config(format!(
+                "--mtu {} outside {MIN_MTU}..=65535",
+                self.mtu
+            )));
+        }
+        if self.s3.bucket.is_empty() {
+            return Err(TunnelError::Config("--bucket is required".into()));
+        }
+        if !tun_device::valid_tun_name(&self.tun_name) {
+            return Err(TunError::BadName(self.tun_name.clone()).into());
+        }
+        self.heartbeat
+            .validate()
+            .map_err(|e| TunnelError::Config(e.to_string()))?;
+        let b = &self.bundler;
+        if b.max_bytes < 1024 || b.max_bytes + self.mtu as usize + 1024 > MAX_BUNDLE_BYTES {
+            return Err(TunnelError::Config(format!(
+                "--bundle-max-bytes {} must be at least 1024 and leave room for one MTU-sized packet below {MAX_BUNDLE_BYTES}",
+                b.max_bytes
+            )));
+        }
+        if b.puts_in_flight == 0 {
+            return Err(TunnelError::Config(
+                "--puts-in-flight must be at least 1".into(),
+            ));
+        }
+        if b.buffer_bytes < b.max_bytes {
+            return Err(TunnelError::Config(format!(
+                "--egress-buffer-bytes {} must be at least --bundle-max-bytes {}",
+                b.buffer_bytes, b.max_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn node_addr(&self) -> Result<NodeAddr, TunnelError> {
+        Ok(NodeAddr {
+            prefix: self.prefix,
+            id: NodeId::from_machine_id_file(&self.machine_id_file)?,
+        })
+    }
+
+    /// The network key: the file's bytes, one trailing newline ignored; at least 16 bytes.
+    pub fn network_key(&self) -> Result<Option<NetworkKey>, TunnelError> {
+        let Some(path) = &self.network_key_file else {
+            return Ok(None);
+        };
+        let err = |reason: String| TunnelError::KeyFile {
+            path: path.clone(),
+            reason,
+        };
+        let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+        let bytes = bytes.strip_suffix(b"\n").unwrap_or(&bytes);
+        NetworkKey::new(bytes).map(Some).ok_or_else(|| {
+            err(format!(
+                "key is {} bytes, at least 16 required",
+                bytes.len()
+            ))
+        })
+    }
+}
+
+/// A running tunnel.
+pub struct Tunnel {
+    pub addr: NodeAddr,
+    pub tun_name: String,
+    pub ifindex: u32,
+    pub metrics: Arc<Metrics>,
+    /// Where the metrics endpoint actually listens (useful with port 0).
+    pub metrics_addr: Option<SocketAddr>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    metrics_task: Option<JoinHandle<()>>,
+    netlink: Netlink,
+    link: LinkConfig,
+    tun: Option<tun_device::TunDevice>,
+}
+
+impl Tunnel {
+    /// Creates and configures the TUN and starts the loops. The `tunnel up` log line follows
+    /// once the first inbox poll succeeds.
+    pub async fn start(config: TunnelConfig) -> Result<Tunnel, TunnelError> {
+        config.validate()?;
+        let addr = config.node_addr()?;
+        let key = config.network_key()?;
+        let metrics = Arc::new(Metrics::default());
+        let (metrics_task, metrics_addr) = match config.metrics_listen {
+            Some(listen) => {
+                let listener = crate::metrics_http::bind(listen).await?;
+                let bound = listener.local_addr().ok();
+                let task = tokio::spawn(crate::metrics_http::serve(listener, metrics.clone()));
+                (Some(task), bound)
+            }
+            None => (None, None),
+        };
+        let tun = tun_device::create(&config.tun_name)?;
+        let netlink = Netlink::connect()?;
+        let link = LinkConfig {
+            link: tun.name.clone(),
+            ifindex: tun.ifindex,
+            addr: addr.ip(),
+            prefix: config.prefix,
+            mtu: config.mtu,
+        };
+        if let Err(e) = netlink.configure(&link).await {
+            let _ = netlink.remove(&link).await;
+            if let Some(t) = metrics_task {
+                t.abort();
+            }
+            return Err(e.into());
+        }
+        tracing::info!(tun = %link.link, address = %addr, mtu = config.mtu, "TUN configured");
+        let client = crate::s3::client(&config.s3).await;
+        let store = Store::new(client, config.s3.bucket.clone(), metrics.clone());
+        let session = rand_session();
+        let (shutdown, rx) = watch::channel(false);
+        let egress = Egress {
+            tun: tun.device.clone(),
+            store: store.clone(),
+            me: addr,
+            metrics: metrics.clone(),
+            bundler: Bundler::new(config.bundler, addr.id, session, key.clone()),
+        };
+        let ingress = Ingress {
+            tun: tun.device.clone(),
+            store,
+            me: addr,
+            metrics: metrics.clone(),
+            key,
+            heartbeat: config.heartbeat,
+        };
+        let tasks = vec![
+            tokio::spawn(egress.run(rx.clone())),
+            tokio::spawn(ingress.run(rx)),
+        ];
+        Ok(Tunnel {
+            addr,
+            tun_name: link.link.clone(),
+            ifindex: link.ifindex,
+            metrics,
+            metrics_addr,
+            shutdown,
+            tasks,
+            metrics_task,
+            netlink,
+            link,
+            tun: Some(tun),
+        })
+    }
+
+    /// Stops the loops (letting in-flight PUTs finish briefly) and removes the route, the
+    /// address and the TUN from the kernel.
+    pub async fn stop(mut self) -> Result<(), TunnelError> {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks.drain(..) {
+            let abort = t.abort_handle();
+            if tokio::time::timeout(Duration::from_secs(5), t)
+                .await
+                .is_err()
+            {
+                abort.abort();
+            }
+        }
+        if let Some(t) = self.metrics_task.take() {
+            t.abort();
+        }
+        let removed = self.netlink.remove(&self.link).await;
+        // Closing the last descriptor removes a non-persistent TUN even if the netlink delete
+        // failed.
+        self.tun.take();
+        tracing::info!(tun = %self.link.link, "tunnel down; route, address and link removed");
+        removed.map_err(Into::into)
+    }
+}
+
+/// Starts the tunnel, waits for `shutdown`, stops it.
+pub async fn run(
+    config: TunnelConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), TunnelError> {
+    let tunnel = Tunnel::start(config).await?;
+    shutdown.await;
+    tunnel.stop().await
+}
+
+/// A random session id per agent start, so a restarted sender's bundles form a new stream.
+fn rand_session() -> u64 {
+    let u = ulid::Ulid::new();
+    (u.0 as u64) ^ ((u.0 >> 64) as u64)
+}

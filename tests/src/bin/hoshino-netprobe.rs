@@ -1,0 +1,212 @@
+//! `hoshino-netprobe`: traffic generators and sinks for the end-to-end tests and the bench.
+//!
+//! - `udp-send`/`udp-recv`: numbered datagrams (the first 8 bytes of each payload are a
+//!   big-endian sequence number); the receiver prints `seq N` per datagram in arrival order.
+//! - `tcp-send`/`tcp-recv`: a bulk stream; the receiver prints bytes and seconds from accept to EOF.
+//!
+//! Receivers print `listening` on stdout once bound.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+struct Args {
+    #[command(subcommand)]
+    command: Probe,
+}
+
+#[derive(Debug, Subcommand)]
+enum Probe {
+    UdpSend {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 1000)]
+        count: u64,
+        /// Payload bytes per datagram (at least 8).
+        #[arg(long, default_value_t = 512)]
+        size: usize,
+    },
+    UdpRecv {
+        #[arg(long)]
+        listen: SocketAddr,
+        /// Stop once this many datagrams arrived (plus `linger`).
+        #[arg(long)]
+        expect: u64,
+        /// Give up after this many seconds in total.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+        /// Keep listening this many seconds after `expect` datagrams, to catch duplicates.
+        #[arg(long, default_value_t = 1)]
+        linger: u64,
+    },
+    TcpSend {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        bytes: u64,
+    },
+    TcpRecv {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+}
+
+fn main() -> ExitCode {
+    let result = match Args::parse().command {
+        Probe::UdpSend { to, count, size } => udp_send(to, count, size),
+        Probe::UdpRecv {
+            listen,
+            expect,
+            timeout,
+            linger,
+        } => udp_recv(
+            listen,
+            expect,
+            Duration::from_secs(timeout),
+            Duration::from_secs(linger),
+        ),
+        Probe::TcpSend { to, bytes } => tcp_send(to, bytes),
+        Probe::TcpRecv { listen } => tcp_recv(listen),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hoshino-netprobe: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn udp_send(to: SocketAddr, count: u64, size: usize) -> std::io::Result<()> {
+    let bind: SocketAddr = if to.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
+        .parse()
+        .map_err(std::io::Error::other)?;
+    let socket = UdpSocket::bind(bind)?;
+    let mut payload = vec![0x5a_u8; size.max(8)];
+    for seq in 0..count {
+        if let Some(head) = payload.get_mut(..8) {
+            head.copy_from_slice(&seq.to_be_bytes());
+        }
+        socket.send_to(&payload, to)?;
+    }
+    println!("sent {count}");
+    Ok(())
+}
+
+/// Root may exceed rmem_max: a burst delivered from one bundle must not overflow the socket.
+fn force_receive_buffer(socket: &UdpSocket, bytes: libc::c_int) {
+    // SAFETY: setsockopt on a socket we own with a pointer to a live c_int of the given size.
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            (&bytes as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+}
+
+fn udp_recv(
+    listen: SocketAddr,
+    expect: u64,
+    timeout: Duration,
+    linger: Duration,
+) -> std::io::Result<()> {
+    let socket = UdpSocket::bind(listen)?;
+    force_receive_buffer(&socket, 16 * 1024 * 1024);
+    println!("listening");
+    let start = Instant::now();
+    let mut deadline = start + timeout;
+    let mut received = 0u64;
+    let mut buf = vec![0u8; 65536];
+    let mut out = std::io::stdout().lock();
+    loop {
+        let now = Instant::now();
+        if now >= deadline {
+            break;
+        }
+        socket.set_read_timeout(Some(deadline - now))?;
+        match socket.recv_from(&mut buf) {
+            Ok((n, _)) => {
+                let seq = buf
+                    .get(..8.min(n))
+                    .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                    .map(u64::from_be_bytes);
+                match seq {
+                    Some(seq) => writeln!(out, "seq {seq}")?,
+                    None => writeln!(out, "short {n}")?,
+                }
+                received += 1;
+                if received == expect {
+                    deadline = deadline.min(Instant::now() + linger);
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                break;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    writeln!(out, "done {received}")?;
+    out.flush()
+}
+
+fn tcp_send(to: SocketAddr, bytes: u64) -> std::io::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut stream = loop {
+        match TcpStream::connect_timeout(&to, Duration::from_secs(10)) {
+            Ok(s) => break s,
+            Err(e) if Instant::now() < deadline => {
+                eprintln!("connect {to}: {e}; retrying");
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    let chunk = vec![0xa5_u8; 256 * 1024];
+    let start = Instant::now();
+    let mut left = bytes;
+    while left > 0 {
+        let n = usize::try_from(left.min(chunk.len() as u64)).unwrap_or(chunk.len());
+        stream.write_all(chunk.get(..n).unwrap_or(&chunk))?;
+        left -= n as u64;
+    }
+    stream.shutdown(std::net::Shutdown::Write)?;
+    // Wait for the receiver to close, so the time covers delivery, not just buffering.
+    let mut sink = [0u8; 16];
+    let _ = stream.read(&mut sink);
+    println!("bytes {bytes} seconds {:.6}", start.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn tcp_recv(listen: SocketAddr) -> std::io::Result<()> {
+    let listener = TcpListener::bind(listen)?;
+    println!("listening");
+    let _ = std::io::stdout().flush();
+    let (mut stream, _) = listener.accept()?;
+    let start = Instant::now();
+    let mut buf = vec![0u8; 1024 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = stream.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    drop(stream);
+    println!("bytes {total} seconds {seconds:.6}");
+    Ok(())
+}

@@ -1,0 +1,275 @@
+//! `hoshino-s3-probe`: plain aws-sdk-s3 calls against the testbed's S3 server, run inside a node
+//! namespace. Puts and lists objects for tests; measures the S3 floor for the bench.
+//! Credentials come from the standard AWS environment variables.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use aws_sdk_s3::Client;
+use aws_sdk_s3::primitives::ByteStream;
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+struct Args {
+    #[arg(long)]
+    endpoint_url: String,
+    #[arg(long)]
+    bucket: String,
+    #[arg(long, default_value = "us-east-1")]
+    region: String,
+    #[command(subcommand)]
+    command: Op,
+}
+
+#[derive(Debug, Subcommand)]
+enum Op {
+    /// PUT a file's bytes under a key.
+    Put {
+        #[arg(long)]
+        key: String,
+        #[arg(long)]
+        file: PathBuf,
+    },
+    /// Print every key under a prefix, one per line.
+    List {
+        #[arg(long, default_value = "")]
+        prefix: String,
+    },
+    /// Median and p99 latency of PUT and GET of a small object.
+    Floor {
+        #[arg(long, default_value_t = 50)]
+        samples: usize,
+        #[arg(long, default_value_t = 128)]
+        size: usize,
+    },
+    /// Throughput of PUT followed by GET of each object, `concurrency` objects at a time.
+    Throughput {
+        #[arg(long, default_value_t = 1024 * 1024)]
+        object_bytes: usize,
+        #[arg(long, default_value_t = 32)]
+        objects: usize,
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+enum ProbeError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{op} {key}: {message}")]
+    S3 {
+        op: &'static str,
+        key: String,
+        message: String,
+    },
+}
+
+fn s3_error(op: &'static str, key: &str, e: impl std::fmt::Debug) -> ProbeError {
+    ProbeError::S3 {
+        op,
+        key: key.to_owned(),
+        message: format!("{e:?}"),
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    let config = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .endpoint_url(&args.endpoint_url)
+        .region(aws_config::Region::new(args.region.clone()))
+        .load()
+        .await;
+    let s3 = aws_sdk_s3::config::Builder::from(&config)
+        .force_path_style(true)
+        .build();
+    let client = Client::from_conf(s3);
+    let result = match args.command {
+        Op::Put { key, file } => put_file(&client, &args.bucket, &key, file).await,
+        Op::List { prefix } => list(&client, &args.bucket, &prefix).await,
+        Op::Floor { samples, size } => floor(&client, &args.bucket, samples, size).await,
+        Op::Throughput {
+            object_bytes,
+            objects,
+            concurrency,
+        } => throughput(&client, &args.bucket, object_bytes, objects, concurrency).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hoshino-s3-probe: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn put_file(
+    client: &Client,
+    bucket: &str,
+    key: &str,
+    file: PathBuf,
+) -> Result<(), ProbeError> {
+    let body = std::fs::read(&file).map_err(|source| ProbeError::Read { path: file, source })?;
+    put(client, bucket, key, body).await
+}
+
+async fn put(client: &Client, bucket: &str, key: &str, body: Vec<u8>) -> Result<(), ProbeError> {
+    client
+        .put_object()
+        .bucket(bucket)
+        .key(key)
+        .body(ByteStream::from(body))
+        .send()
+        .await
+        .map_err(|e| s3_error("PUT", key, e))?;
+    Ok(())
+}
+
+async fn get(client: &Client, bucket: &str, key: &str) -> Result<usize, ProbeError> {
+    let out = client
+        .get_object()
+        .bucket(bucket)
+        .key(key)
+        .send()
+        .await
+        .map_err(|e| s3_error("GET", key, e))?;
+    let body = out
+        .body
+        .collect()
+        .await
+        .map_err(|e| s3_error("GET body", key, e))?;
+    Ok(body.into_bytes().len())
+}
+
+async fn delete(client: &Client, bucket: &str, key: &str) -> Result<(), ProbeError> {
+    client
+        .delete_object()
+        .bucket(bucket)
+        .key(key)
+        .send()
+        .await
+        .map_err(|e| s3_error("DELETE", key, e))?;
+    Ok(())
+}
+
+async fn list(client: &Client, bucket: &str, prefix: &str) -> Result<(), ProbeError> {
+    let mut token = None;
+    loop {
+        let out = client
+            .list_objects_v2()
+            .bucket(bucket)
+            .prefix(prefix)
+            .set_continuation_token(token)
+            .send()
+            .await
+            .map_err(|e| s3_error("LIST", prefix, e))?;
+        for obj in out.contents() {
+            if let Some(key) = obj.key() {
+                println!("{key}");
+            }
+        }
+        token = out.next_continuation_token().map(str::to_owned);
+        if token.is_none() {
+            return Ok(());
+        }
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted
+        .get(rank.min(sorted.len() - 1))
+        .map_or(f64::NAN, |d| d.as_secs_f64() * 1000.0)
+}
+
+async fn floor(
+    client: &Client,
+    bucket: &str,
+    samples: usize,
+    size: usize,
+) -> Result<(), ProbeError> {
+    let body = vec![0x42_u8; size];
+    let mut puts = Vec::with_capacity(samples);
+    let mut gets = Vec::with_capacity(samples);
+    // One warm-up round so connection setup is not counted.
+    let warm = "bench/floor/warmup";
+    put(client, bucket, warm, body.clone()).await?;
+    get(client, bucket, warm).await?;
+    delete(client, bucket, warm).await?;
+    for i in 0..samples {
+        let key = format!("bench/floor/{i}");
+        let t = Instant::now();
+        put(client, bucket, &key, body.clone()).await?;
+        puts.push(t.elapsed());
+        let t = Instant::now();
+        get(client, bucket, &key).await?;
+        gets.push(t.elapsed());
+        delete(client, bucket, &key).await?;
+    }
+    puts.sort();
+    gets.sort();
+    println!("put_p50_ms {:.3}", percentile(&puts, 0.5));
+    println!("put_p99_ms {:.3}", percentile(&puts, 0.99));
+    println!("get_p50_ms {:.3}", percentile(&gets, 0.5));
+    println!("get_p99_ms {:.3}", percentile(&gets, 0.99));
+    Ok(())
+}
+
+async fn throughput(
+    client: &Client,
+    bucket: &str,
+    object_bytes: usize,
+    objects: usize,
+    concurrency: usize,
+) -> Result<(), ProbeError> {
+    let body = vec![0x17_u8; object_bytes];
+    let start = Instant::now();
+    let mut next = 0usize;
+    let mut moved = 0usize;
+    while next < objects {
+        let batch: Vec<usize> = (next..objects.min(next + concurrency.max(1))).collect();
+        next += batch.len();
+        let tasks = batch.into_iter().map(|i| {
+            let client = client.clone();
+            let body = body.clone();
+            let bucket = bucket.to_owned();
+            tokio::spawn(async move {
+                let key = format!("bench/throughput/{i}");
+                put(&client, &bucket, &key, body).await?;
+                let n = get(&client, &bucket, &key).await?;
+                delete(&client, &bucket, &key).await?;
+                Ok::<usize, ProbeError>(n)
+            })
+        });
+        for task in futures_join(tasks.collect()).await {
+            moved += task?;
+        }
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    println!("bytes {moved} seconds {seconds:.6}");
+    Ok(())
+}
+
+async fn futures_join(
+    tasks: Vec<tokio::task::JoinHandle<Result<usize, ProbeError>>>,
+) -> Vec<Result<usize, ProbeError>> {
+    let mut out = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        out.push(t.await.unwrap_or_else(|e| {
+            Err(ProbeError::S3 {
+                op: "task",
+                key: String::new(),
+                message: e.to_string(),
+            })
+        }));
+    }
+    out
+}

@@ -1,0 +1,209 @@
+//! The S3 server a testbed talks to: the s3s-fs binary or moto, started inside the hub namespace,
+//! described to clients by an [`S3Endpoint`].
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use crate::binaries::{self, BinaryError};
+use crate::moto::{self, MotoError};
+use crate::netns::Namespace;
+use crate::process::Spawned;
+use crate::topology::HUB_IPV4;
+
+pub const BUCKET: &str = "hoshino-test";
+pub const REGION: &str = "us-east-1";
+pub const ACCESS_KEY: &str = "hoshino";
+pub const SECRET_KEY: &str = "hoshino-secret";
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    /// `hoshino-s3-server` (s3s-fs over HTTP).
+    S3sFs,
+    /// moto's server, an independent implementation.
+    Moto,
+}
+
+impl BackendKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::S3sFs => "s3s-fs",
+            Self::Moto => "moto",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error(transparent)]
+    Binary(#[from] BinaryError),
+    #[error(transparent)]
+    Moto(#[from] MotoError),
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("starting hoshino-s3-server in {ns}: {source}")]
+    Spawn { ns: String, source: std::io::Error },
+    #[error(
+        "hoshino-s3-server did not announce its address within {timeout:?}; log {log}:\n{tail}"
+    )]
+    NotReady {
+        timeout: Duration,
+        log: PathBuf,
+        tail: String,
+    },
+    #[error("fault injection is only available with the s3s-fs server")]
+    FaultsNeedS3sFs,
+}
+
+/// What a client needs to reach the bucket (path-style addressing).
+#[derive(Debug, Clone)]
+pub struct S3Endpoint {
+    pub url: String,
+    pub bucket: String,
+    pub region: String,
+    pub access_key: String,
+    pub secret_key: String,
+}
+
+impl S3Endpoint {
+    /// The standard AWS variables for a client process; nothing else from the host's AWS
+    /// configuration leaks in.
+    pub fn apply_env(&self, cmd: &mut Command) {
+        for var in ["AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL"] {
+            cmd.env_remove(var);
+        }
+        cmd.env("AWS_ACCESS_KEY_ID", &self.access_key)
+            .env("AWS_SECRET_ACCESS_KEY", &self.secret_key)
+            .env("AWS_REGION", &self.region)
+            .env("AWS_CONFIG_FILE", "/nonexistent/hoshino-aws-config")
+            .env(
+                "AWS_SHARED_CREDENTIALS_FILE",
+                "/nonexistent/hoshino-aws-credentials",
+            )
+            .env("AWS_EC2_METADATA_DISABLED", "true");
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BackendOptions {
+    /// Fraction of requests answered with 503 SlowDown (s3s-fs only).
+    pub fault_fraction: f64,
+}
+
+#[derive(Debug)]
+pub struct S3Backend {
+    pub kind: BackendKind,
+    pub endpoint: S3Endpoint,
+    pub log: PathBuf,
+    process: Spawned,
+}
+
+impl S3Backend {
+    /// Starts the server in `hub`; `dir` holds its data and log.
+    pub fn start(
+        kind: BackendKind,
+        hub: &Namespace,
+        dir: &Path,
+        options: BackendOptions,
+    ) -> Result<Self, BackendError> {
+        match kind {
+            BackendKind::S3sFs => start_s3s_fs(hub, dir, options),
+            BackendKind::Moto if options.fault_fraction > 0.0 => Err(BackendError::FaultsNeedS3sFs),
+            BackendKind::Moto => {
+                let (process, url, log) = moto::start(hub, dir, BUCKET)?;
+                Ok(Self {
+                    kind,
+                    endpoint: endpoint(url),
+                    log,
+                    process,
+                })
+            }
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+}
+
+fn endpoint(url: String) -> S3Endpoint {
+    S3Endpoint {
+        url,
+        bucket: BUCKET.to_owned(),
+        region: REGION.to_owned(),
+        access_key: ACCESS_KEY.to_owned(),
+        secret_key: SECRET_KEY.to_owned(),
+    }
+}
+
+fn io_error(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> BackendError {
+    let path = path.to_path_buf();
+    move |source| BackendError::Io { what, path, source }
+}
+
+fn start_s3s_fs(
+    hub: &Namespace,
+    dir: &Path,
+    options: BackendOptions,
+) -> Result<S3Backend, BackendError> {
+    let root = dir.join("s3s-root");
+    let bucket_dir = root.join(BUCKET);
+    std::fs::create_dir_all(&bucket_dir)
+        .map_err(io_error("creating bucket directory", &bucket_dir))?;
+    let log = dir.join("s3s-server.log");
+    let log_file = std::fs::File::create(&log).map_err(io_error("creating log", &log))?;
+    let mut cmd = hub.command(binaries::s3_server()?);
+    cmd.arg("--listen")
+        .arg(format!("{HUB_IPV4}:0"))
+        .arg("--root")
+        .arg(&root)
+        .arg("--access-key")
+        .arg(ACCESS_KEY)
+        .arg("--secret-key")
+        .arg(SECRET_KEY)
+        .arg("--fault-fraction")
+        .arg(options.fault_fraction.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(log_file);
+    let mut child = cmd.spawn().map_err(|source| BackendError::Spawn {
+        ns: hub.name().to_owned(),
+        source,
+    })?;
+    let stdout = child.stdout.take();
+    let process = Spawned::new("hoshino-s3-server", child);
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let Some(stdout) = stdout else { return };
+        let mut lines = BufReader::new(stdout).lines();
+        if let Some(Ok(line)) = lines.next() {
+            let _ = tx.send(line);
+        }
+        // Keep draining so the server never blocks on a full pipe.
+        for _ in lines {}
+    });
+    let addr = rx
+        .recv_timeout(READY_TIMEOUT)
+        .ok()
+        .and_then(|line| line.strip_prefix("listening ").map(str::to_owned));
+    match addr {
+        Some(addr) => Ok(S3Backend {
+            kind: BackendKind::S3sFs,
+            endpoint: endpoint(format!("http://{addr}")),
+            log,
+            process,
+        }),
+        None => Err(BackendError::NotReady {
+            timeout: READY_TIMEOUT,
+            tail: crate::agent::tail(&log, 40),
+            log,
+        }),
+    }
+}

@@ -1,0 +1,160 @@
+//! A whole Hoshino network for a test, the demo or the bench: a testbed, an S3 server in its hub
+//! and one agent per node. Dropping it stops the agents, the server and deletes the namespaces.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use crate::agent::{Agent, AgentError};
+use crate::binaries::{self, BinaryError};
+use crate::command::{self, CommandError};
+use crate::s3_backend::{BackendError, BackendKind, BackendOptions, S3Backend, S3Endpoint};
+use crate::topology::{Node, Testbed, TopologyError};
+
+/// Generous: the first agent start on a cold machine also waits for the S3 server.
+pub const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelNetError {
+    #[error(transparent)]
+    Topology(#[from] TopologyError),
+    #[error("S3 server ({kind}): {source}")]
+    Backend {
+        kind: &'static str,
+        source: BackendError,
+    },
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    #[error(transparent)]
+    Binary(#[from] BinaryError),
+    #[error("no node {0} in this testbed")]
+    NoNode(u8),
+    #[error("S3 probe from node {node}: {source}")]
+    Probe { node: u8, source: CommandError },
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct NetOptions {
+    pub backend: BackendOptions,
+    /// Flags appended to every agent's command line.
+    pub agent_args: Vec<String>,
+}
+
+/// Field order is drop order: agents before the server, the server before the namespaces.
+#[derive(Debug)]
+pub struct TunnelNet {
+    pub agents: Vec<Agent>,
+    pub backend: S3Backend,
+    pub bed: Testbed,
+}
+
+impl TunnelNet {
+    /// A testbed with `nodes` nodes and a server of `kind`, without agents.
+    pub fn without_agents(
+        kind: BackendKind,
+        nodes: u8,
+        options: &NetOptions,
+    ) -> Result<Self, TunnelNetError> {
+        let bed = Testbed::new(nodes)?;
+        let backend = S3Backend::start(kind, &bed.hub, bed.scratch.path(), options.backend)
+            .map_err(|source| TunnelNetError::Backend {
+                kind: kind.label(),
+                source,
+            })?;
+        Ok(Self {
+            agents: Vec::new(),
+            backend,
+            bed,
+        })
+    }
+
+    /// Everything up, every agent ready.
+    pub fn start(
+        kind: BackendKind,
+        nodes: u8,
+        options: &NetOptions,
+    ) -> Result<Self, TunnelNetError> {
+        let mut net = Self::without_agents(kind, nodes, options)?;
+        let extra: Vec<&str> = options.agent_args.iter().map(String::as_str).collect();
+        // Start all, then wait for all: the agents come up in parallel.
+        for node in &net.bed.nodes {
+            let agent = Agent::start(node, &net.backend.endpoint, net.bed.scratch.path(), &extra)?;
+            net.agents.push(agent);
+        }
+        for agent in &mut net.agents {
+            agent.wait_ready(AGENT_READY_TIMEOUT)?;
+        }
+        Ok(net)
+    }
+
+    pub fn node(&self, index: u8) -> Result<&Node, TunnelNetError> {
+        self.bed.node(index).ok_or(TunnelNetError::NoNode(index))
+    }
+
+    /// The agent of node `index` (agents are started in node order).
+    pub fn agent(&self, index: u8) -> Result<&Agent, TunnelNetError> {
+        self.agents
+            .get(usize::from(index).wrapping_sub(1))
+            .ok_or(TunnelNetError::NoNode(index))
+    }
+
+    pub fn agent_mut(&mut self, index: u8) -> Result<&mut Agent, TunnelNetError> {
+        self.agents
+            .get_mut(usize::from(index).wrapping_sub(1))
+            .ok_or(TunnelNetError::NoNode(index))
+    }
+
+    pub fn endpoint(&self) -> &S3Endpoint {
+        &self.backend.endpoint
+    }
+
+    pub fn scratch(&self) -> &Path {
+        self.bed.scratch.path()
+    }
+
+    /// Runs `hoshino-s3-probe <args>` inside node `index`'s namespace; returns stdout.
+    pub fn s3_probe(&self, index: u8, args: &[&str]) -> Result<String, TunnelNetError> {
+        let node = self.node(index)?;
+        let endpoint = self.endpoint();
+        let mut cmd = node.ns.command(binaries::s3_probe()?);
+        cmd.args(["--endpoint-url", &endpoint.url])
+            .args(["--bucket", &endpoint.bucket])
+            .args(["--region", &endpoint.region])
+            .args(args);
+        endpoint.apply_env(&mut cmd);
+        command::run(&mut cmd).map_err(|source| TunnelNetError::Probe {
+            node: index,
+            source,
+        })
+    }
+
+    /// PUTs `body` under `key` from node `index`.
+    pub fn put_object(&self, index: u8, key: &str, body: &[u8]) -> Result<(), TunnelNetError> {
+        let file: PathBuf = self.scratch().join(format!(
+            "object-{}",
+            key.replace(|c: char| !c.is_ascii_alphanumeric(), "_")
+        ));
+        std::fs::write(&file, body).map_err(|e| TunnelNetError::Probe {
+            node: index,
+            source: CommandError::Spawn {
+                command: format!("write {}", file.display()),
+                source: e,
+            },
+        })?;
+        let file_arg = file.to_string_lossy().into_owned();
+        self.s3_probe(index, &["put", "--key", key, "--file", &file_arg])?;
+        let _ = std::fs::remove_file(&file);
+        Ok(())
+    }
+
+    /// Keys under `prefix`, listed from node `index`.
+    pub fn list_keys(&self, index: u8, prefix: &str) -> Result<Vec<String>, TunnelNetError> {
+        let out = self.s3_probe(index, &["list", "--prefix", prefix])?;
+        Ok(out.lines().map(str::to_owned).collect())
+    }
+
+    /// A command inside node `index`'s namespace.
+    pub fn command_in(&self, index: u8, program: &str) -> Result<Command, TunnelNetError> {
+        Ok(self.node(index)?.ns.command(program))
+    }
+}
