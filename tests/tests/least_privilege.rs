@@ -39,12 +39,21 @@ impl Moto {
             .map(|a| a.port())
             .unwrap_or_else(|e| panic!("no free loopback port: {e}"));
         let child = Command::new("python3")
-            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
+            .args([
+                "-m",
+                "moto.server",
+                "-H",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| {
-                panic!("cannot start python3 -m moto.server (scripts/bootstrap.sh installs moto): {e}")
+                panic!(
+                    "cannot start python3 -m moto.server (scripts/bootstrap.sh installs moto): {e}"
+                )
             });
         let moto = Moto {
             child,
