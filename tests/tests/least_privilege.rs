@@ -11,10 +11,12 @@
 //! evaluates that case with IAM's rules. `lists_of_a_peer_inbox_are_not_restricted_by_moto` pins
 //! moto's behaviour so that a moto upgrade that starts enforcing it is noticed.
 
-use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, TcpStream};
+mod support;
+
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+
+use support::Moto;
 
 use aws_sdk_s3::Client;
 use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
@@ -25,58 +27,6 @@ const BUCKET: &str = "hoshino-least-privilege";
 const A: &str = "0123456789abcdef";
 const B: &str = "fedcba9876543210";
 const ULID: &str = "01JD0000000000000000000000";
-
-/// A moto server on a free loopback port, killed (by pid) on drop.
-struct Moto {
-    child: Child,
-    endpoint: String,
-}
-
-impl Moto {
-    fn start() -> Moto {
-        let port = TcpListener::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0))
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .unwrap_or_else(|e| panic!("no free loopback port: {e}"));
-        let child = Command::new("python3")
-            .args([
-                "-m",
-                "moto.server",
-                "-H",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot start python3 -m moto.server (scripts/bootstrap.sh installs moto): {e}"
-                )
-            });
-        let moto = Moto {
-            child,
-            endpoint: format!("http://127.0.0.1:{port}"),
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "moto did not listen on port {port} within 30 s"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        moto
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 struct NodeKey {
     node_id: String,
