@@ -142,5 +142,6 @@ module "node" {
   bucket_arn  = aws_s3_bucket.mailbox.arn
   bucket_name = aws_s3_bucket.mailbox.id
   region      = aws_s3_bucket.mailbox.region
+  prefix      = var.prefix
   tags        = local.tags
 }

@@ -91,3 +91,14 @@ variable "tags" {
   type        = map(string)
   default     = {}
 }
+
+variable "prefix" {
+  description = "The network's IPv6 /64, the agents' --prefix (the same on every node). Only used to print each node's address and its agent settings; the default is fd68:6f73:6869:6e6f::/64, the bytes of \"hoshino\"."
+  type        = string
+  default     = "fd68:6f73:6869:6e6f::/64"
+
+  validation {
+    condition     = can(cidrhost(var.prefix, 0)) && endswith(var.prefix, "/64") && strcontains(var.prefix, ":")
+    error_message = "prefix must be an IPv6 /64 such as fd68:6f73:6869:6e6f::/64."
+  }
+}
