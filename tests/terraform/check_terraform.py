@@ -16,6 +16,7 @@ Usage: check_terraform.py [--no-checkov | --only-checkov]
 
 import fnmatch
 import json
+import os
 import pathlib
 import re
 import shutil
@@ -346,9 +347,11 @@ def check_checkov():
     skips = read_skips()
     exe = shutil.which("checkov")
     check(exe, "checkov is not installed (scripts/bootstrap.sh installs it)")
+    # Offline: no policy download (--skip-download), no mapping fetch, no PyPI version check.
+    env = dict(os.environ, CKV_SKIP_PACKAGE_UPDATE_CHECK="true", BC_SKIP_MAPPING="TRUE")
     proc = subprocess.run(
         [exe, "-d", str(TF), "--framework", "terraform", "--skip-download", "--quiet", "--compact", "-o", "json"],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, timeout=600, env=env,
     )
     try:
         report = json.loads(proc.stdout)
