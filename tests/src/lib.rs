@@ -17,5 +17,6 @@ pub mod process;
 pub mod s3_backend;
 pub mod s3_server;
 pub mod scratch;
+pub mod signals;
 pub mod topology;
 pub mod tunnel_net;
