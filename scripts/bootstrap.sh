@@ -14,7 +14,9 @@ if [ "$(id -u)" != 0 ]; then
   exit 1
 fi
 
-apt_pkgs=(iproute2 iputils-ping iperf3 nftables curl ethtool procps "llvm-${LLVM_MAJOR}-dev" libpolly-"${LLVM_MAJOR}"-dev libzstd-dev zlib1g-dev)
+# util-linux: setpriv (tests run the agent holding only CAP_NET_ADMIN); systemd: systemd-analyze
+# (tests verify deploy/hoshino-agent.service).
+apt_pkgs=(iproute2 iputils-ping iperf3 nftables curl ethtool procps util-linux systemd "llvm-${LLVM_MAJOR}-dev" libpolly-"${LLVM_MAJOR}"-dev libzstd-dev zlib1g-dev)
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -40,7 +42,8 @@ if ! bpf-linker --version 2>/dev/null | grep -q "$BPF_LINKER_VERSION"; then
     --locked --no-default-features --features "llvm-${LLVM_MAJOR}"
 fi
 
-# moto is the independent S3 implementation the suite proves compatibility against; python-hcl2
+# moto is the independent S3 implementation the suite proves compatibility and IAM least privilege
+# against (its server brings boto3, which provisions the IAM users); python-hcl2
 # and checkov validate the Terraform offline.
 py_missing=()
 python3 -c "import moto, sys; sys.exit(moto.__version__ != '$MOTO_VERSION')" 2>/dev/null || py_missing+=("moto[server]==$MOTO_VERSION")
