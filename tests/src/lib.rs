@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod binaries;
+pub mod classifier_bench;
 pub mod bundle_forge;
 pub mod command;
 pub mod metrics;
