@@ -57,6 +57,10 @@ struct Args {
 
 fn run(args: Args) -> anyhow::Result<ExitCode> {
     survive_interrupt();
+    if args.classifier_only {
+        classifier_figures(&args)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     println!(
         "hoshino bench ({} build, s3s-fs server in a namespace, 2 nodes)",
         if cfg!(debug_assertions) {
@@ -65,10 +69,6 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             "release"
         }
     );
-    if args.classifier_only {
-        classifier_figures(&args)?;
-        return Ok(ExitCode::SUCCESS);
-    }
     let net = TunnelNet::start(BackendKind::S3sFs, 2, &NetOptions::default())
         .context("starting the bench network")?;
 
