@@ -82,6 +82,8 @@ pub enum AttachError {
     Interceptor(#[from] InterceptorError),
     #[error("metrics endpoint: {0}")]
     Metrics(String),
+    #[error("cannot install the SIGHUP handler: {0}")]
+    Signal(#[source] std::io::Error),
 }
 
 impl AttachError {
@@ -246,7 +248,7 @@ async fn intercept(
     ));
 
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .map_err(|e| AttachError::Metrics(format!("cannot install the SIGHUP handler: {e}")))?;
+        .map_err(AttachError::Signal)?;
     let mut counters = tokio::time::interval(COUNTERS_EVERY);
     tokio::pin!(shutdown);
     loop {
