@@ -6,8 +6,8 @@
 
 pub mod agent;
 pub mod binaries;
-pub mod classifier_bench;
 pub mod bundle_forge;
+pub mod classifier_bench;
 pub mod command;
 pub mod metrics;
 pub mod moto;
