@@ -2,8 +2,8 @@
 //! between two namespaces with (a) no program, (b) `hoshino-agent attach` with a 1,000-prefix
 //! policy, (c) an nftables ruleset in the sender's namespace doing the same matching (per rule,
 //! an IPv4 and an IPv6 interval set of its prefixes, `drop` on a hit). Configurations are
-//! interleaved round by round and the median of each is reported, so drift on a shared machine
-//! hits all three alike. Nothing here touches the host namespace.
+//! interleaved round by round in rotating order and the median of each is reported, so drift on
+//! a shared machine hits all three alike. Nothing here touches the host namespace.
 
 use std::fs::File;
 use std::path::Path;
@@ -227,45 +227,35 @@ pub fn run(policy: &Path, rounds: u32, seconds: u32) -> anyhow::Result<Classifie
     std::fs::write(&nft_file, &ruleset)?;
     let agent_bin = binaries::agent()?;
 
-    let (mut none, mut classifier, mut nft) = (Vec::new(), Vec::new(), Vec::new());
+    // [no program, classifier, nftables]; the order rotates each round so that whatever drifts
+    // within a round (CPU frequency, neighbours on a shared machine) does not favour one.
+    let mut samples: [Vec<f64>; 3] = Default::default();
     for round in 0..rounds {
-        none.push(pair.iperf(seconds)?);
-
-        let log_path = pair.scratch.path().join(format!("agent-{round}.log"));
-        let log = File::create(&log_path)?;
-        let child = pair
-            .sender
-            .command(&agent_bin)
-            .args(["attach", "--interface", "eth0", "--policy"])
-            .arg(policy)
-            .env("RUST_LOG", "info")
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting hoshino-agent attach")?;
-        let mut agent = Spawned::new("hoshino-agent attach", child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !std::fs::read_to_string(&log_path)
-            .unwrap_or_default()
-            .contains("interceptor attached")
-        {
-            if agent.try_status().is_some() || Instant::now() > deadline {
-                bail!(
-                    "agent did not attach:\n{}",
-                    std::fs::read_to_string(&log_path).unwrap_or_default()
-                );
+        for k in 0..3 {
+            let config = (round as usize + k) % 3;
+            let bps = match config {
+                0 => pair.iperf(seconds)?,
+                1 => {
+                    let mut agent = attach(&pair, &agent_bin, policy, round)?;
+                    let bps = pair.iperf(seconds);
+                    agent.terminate(Duration::from_secs(10))?;
+                    bps?
+                }
+                _ => {
+                    pair.sender
+                        .run("nft", &["-f", &nft_file.to_string_lossy()])?;
+                    let bps = pair.iperf(seconds);
+                    pair.sender
+                        .run("nft", &["delete", "table", "inet", "hoshino_bench"])?;
+                    bps?
+                }
+            };
+            if let Some(list) = samples.get_mut(config) {
+                list.push(bps);
             }
-            std::thread::sleep(Duration::from_millis(50));
         }
-        classifier.push(pair.iperf(seconds)?);
-        agent.terminate(Duration::from_secs(10))?;
-
-        pair.sender
-            .run("nft", &["-f", &nft_file.to_string_lossy()])?;
-        nft.push(pair.iperf(seconds)?);
-        pair.sender
-            .run("nft", &["delete", "table", "inet", "hoshino_bench"])?;
     }
+    let [mut none, mut classifier, mut nft] = samples;
     Ok(ClassifierFigures {
         prefixes,
         rules: rules.len(),
@@ -273,6 +263,37 @@ pub fn run(policy: &Path, rounds: u32, seconds: u32) -> anyhow::Result<Classifie
         classifier_bps: median(&mut classifier),
         nftables_bps: median(&mut nft),
     })
+}
+
+/// Starts `hoshino-agent attach` in the sender namespace and waits until it is attached.
+fn attach(pair: &Pair, agent_bin: &Path, policy: &Path, round: u32) -> anyhow::Result<Spawned> {
+    let log_path = pair.scratch.path().join(format!("agent-{round}.log"));
+    let log = File::create(&log_path)?;
+    let child = pair
+        .sender
+        .command(agent_bin)
+        .args(["attach", "--interface", "eth0", "--policy"])
+        .arg(policy)
+        .env("RUST_LOG", "info")
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("starting hoshino-agent attach")?;
+    let mut agent = Spawned::new("hoshino-agent attach", child);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_to_string(&log_path)
+        .unwrap_or_default()
+        .contains("interceptor attached")
+    {
+        if agent.try_status().is_some() || Instant::now() > deadline {
+            bail!(
+                "agent did not attach:\n{}",
+                std::fs::read_to_string(&log_path).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(agent)
 }
 
 fn median(values: &mut [f64]) -> f64 {
