@@ -16,16 +16,27 @@ use crate::{
 #[inline(always)]
 pub fn select_rule(set: u32, meta: &SetMeta, pkt: &Packet, uid: u32) -> Option<(u32, u8)> {
     let mut candidates = meta.any_dst.words;
-    let mut src_candidates = meta.any_src.words;
-    let (dst, src) = lookup(set, pkt);
-    if let Some(dst) = dst {
+    if let Some(dst) = lookup(set, pkt, Direction::Dst) {
         or_into(&mut candidates, dst);
     }
-    if let Some(src) = src {
-        or_into(&mut src_candidates, src);
-    }
+    // Most packets match no destination: then the source trie cannot add anything.
+    let mut needs_src = false;
+    let mut any = 0u64;
     for word in 0..RULE_WORDS {
-        candidates[word] &= src_candidates[word];
+        any |= candidates[word];
+        needs_src |= candidates[word] & !meta.any_src.words[word] != 0;
+    }
+    if any == 0 {
+        return None;
+    }
+    if needs_src {
+        let mut src_candidates = meta.any_src.words;
+        if let Some(src) = lookup(set, pkt, Direction::Src) {
+            or_into(&mut src_candidates, src);
+        }
+        for word in 0..RULE_WORDS {
+            candidates[word] &= src_candidates[word];
+        }
     }
     for word in 0..RULE_WORDS {
         let bits = candidates[word];
@@ -45,6 +56,12 @@ pub fn select_rule(set: u32, meta: &SetMeta, pkt: &Packet, uid: u32) -> Option<(
     None
 }
 
+#[derive(Clone, Copy)]
+enum Direction {
+    Dst,
+    Src,
+}
+
 #[inline(always)]
 fn or_into(words: &mut [u64; RULE_WORDS], set: &RuleSet) {
     for word in 0..RULE_WORDS {
@@ -53,33 +70,33 @@ fn or_into(words: &mut [u64; RULE_WORDS], set: &RuleSet) {
 }
 
 #[inline(always)]
-fn lookup(set: u32, pkt: &Packet) -> (Option<&'static RuleSet>, Option<&'static RuleSet>) {
+fn lookup(set: u32, pkt: &Packet, direction: Direction) -> Option<&'static RuleSet> {
+    let addr = match direction {
+        Direction::Dst => &pkt.dst,
+        Direction::Src => &pkt.src,
+    };
     match pkt.family {
         FAMILY_V4 => {
-            let mut dst: LpmV4 = [0; 5];
-            let mut src: LpmV4 = [0; 5];
-            dst[0] = set as u8;
-            src[0] = set as u8;
-            dst[1..].copy_from_slice(&pkt.dst[..4]);
-            src[1..].copy_from_slice(&pkt.src[..4]);
-            (
-                DST_V4.get(Key::new(LPM_SET_BITS + 32, dst)),
-                SRC_V4.get(Key::new(LPM_SET_BITS + 32, src)),
-            )
+            let mut data: LpmV4 = [0; 5];
+            data[0] = set as u8;
+            data[1..].copy_from_slice(&addr[..4]);
+            let key = Key::new(LPM_SET_BITS + 32, data);
+            match direction {
+                Direction::Dst => DST_V4.get(key),
+                Direction::Src => SRC_V4.get(key),
+            }
         }
         FAMILY_V6 => {
-            let mut dst: LpmV6 = [0; 17];
-            let mut src: LpmV6 = [0; 17];
-            dst[0] = set as u8;
-            src[0] = set as u8;
-            dst[1..].copy_from_slice(&pkt.dst);
-            src[1..].copy_from_slice(&pkt.src);
-            (
-                DST_V6.get(Key::new(LPM_SET_BITS + 128, dst)),
-                SRC_V6.get(Key::new(LPM_SET_BITS + 128, src)),
-            )
+            let mut data: LpmV6 = [0; 17];
+            data[0] = set as u8;
+            data[1..].copy_from_slice(addr);
+            let key = Key::new(LPM_SET_BITS + 128, data);
+            match direction {
+                Direction::Dst => DST_V6.get(key),
+                Direction::Src => SRC_V6.get(key),
+            }
         }
-        _ => (None, None),
+        _ => None,
     }
 }
 

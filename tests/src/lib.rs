@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod binaries;
 pub mod bundle_forge;
+pub mod classifier_bench;
 pub mod command;
 pub mod metrics;
 pub mod moto;

@@ -160,3 +160,27 @@ fn kill_9_leaves_no_filter_behind() {
         bed.client_links()
     );
 }
+
+#[test]
+fn divert_rules_without_http_reinject_or_drop_whole_flows() {
+    let bed = MetadataBed::new();
+    let policy = bed.scratch.path().join("divert.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            "[[rule]]\nname = \"watch-v4\"\ndst = [\"{SERVER_V4}\"]\nprotocol = \"tcp\"\naction = \"divert\"\nthen = \"reinject\"\n\
+             [[rule]]\nname = \"sink-v6\"\ndst = [\"{SERVER_V6}\"]\nprotocol = \"tcp\"\naction = \"divert\"\nthen = \"drop\"\n"
+        ),
+    )
+    .expect("write policy");
+    let _agent = bed.attach(&policy, &[]);
+    // Every packet of this TCP connection goes through the agent and back out, marked.
+    let f = bed.fetch(Some(1000), &format!("http://{SERVER_V4}{IAM}"));
+    assert!(f.ok(), "reinjected flow works end to end: {f:?}");
+    assert_eq!(f.body, CREDENTIALS);
+    let mut cmd = bed.client.command("curl");
+    cmd.args(["-sS", "-g", "-m", "2"])
+        .arg(format!("http://[{SERVER_V6}]/"));
+    let out = hoshino_tests::command::output(&mut cmd).expect("curl runs");
+    assert_eq!(out.status.code(), Some(28), "dropped flow times out");
+}

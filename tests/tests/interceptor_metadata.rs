@@ -166,3 +166,48 @@ fn rule_counters_are_exported_with_rule_names() {
         "{text}"
     );
 }
+
+#[test]
+fn each_request_on_a_kept_alive_connection_is_judged() {
+    let bed = MetadataBed::new();
+    let _agent = bed.attach(&example_policy("metadata.toml"), &[]);
+    // One curl, one connection: the first request is allowed, the second is refused and the
+    // connection reset, even though the connection itself was already allowed.
+    let mut cmd = bed.client.command("setpriv");
+    cmd.args([
+        "--reuid=1000",
+        "--regid=1000",
+        "--clear-groups",
+        "curl",
+        "-sS",
+        "-m",
+        "5",
+    ])
+    .arg(imds_url(false, "/latest/meta-data/instance-id"))
+    .arg(imds_url(false, IAM));
+    let out = hoshino_tests::command::output(&mut cmd).expect("curl runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stdout, INSTANCE_ID, "{stderr}");
+    assert_eq!(out.status.code(), Some(56), "{stderr}");
+    assert!(!stdout.contains(CREDENTIALS));
+}
+
+#[test]
+fn request_line_spanning_several_segments_is_reassembled() {
+    let bed = MetadataBed::new();
+    let agent = bed.attach(&example_policy("metadata.toml"), &[]);
+    // A 4,000-byte query makes the request line longer than one segment (MSS 1,448 here).
+    let pad = "a".repeat(4000);
+    let f = bed.fetch(
+        Some(1000),
+        &imds_url(false, &format!("/latest/meta-data/instance-id?{pad}")),
+    );
+    assert!(f.ok(), "{f:?}\n{}", agent.log_text());
+    assert_eq!(f.body, INSTANCE_ID);
+    let f = bed.fetch(
+        Some(1000),
+        &imds_url(true, &format!("/latest/meta-data/iam/info?{pad}")),
+    );
+    assert_eq!(f.code, 56, "{f:?}");
+}

@@ -42,7 +42,7 @@ pub struct AttachArgs {
     #[arg(long, env = "HOSHINO_DIVERT_TUN", help_heading = "Interceptor", default_value = DEFAULT_DIVERT_TUN)]
     pub divert_tun: String,
     /// Socket mark of reinjected packets; the classifier lets packets with it pass.
-    #[arg(long, env = "HOSHINO_REINJECT_MARK", help_heading = "Interceptor", default_value_t = DEFAULT_REINJECT_MARK)]
+    #[arg(long, env = "HOSHINO_REINJECT_MARK", help_heading = "Interceptor", default_value = "0x68736e6f", value_parser = parse_mark)]
     pub reinject_mark: u32,
     /// Log the classifier's verdicts (aya-log, at debug level, rate limited).
     #[arg(long, env = "HOSHINO_LOG_VERDICTS", help_heading = "Interceptor")]
@@ -50,6 +50,15 @@ pub struct AttachArgs {
     /// The tunnel carrying `tunnel` verdicts; started when a bucket is configured.
     #[command(flatten)]
     pub tunnel: TunnelArgs,
+}
+
+/// A mark in decimal or `0x` hexadecimal.
+fn parse_mark(text: &str) -> Result<u32, String> {
+    let parsed = match text.strip_prefix("0x").or_else(|| text.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => text.parse(),
+    };
+    parsed.map_err(|e| format!("`{text}` is not a 32-bit mark (decimal or 0x hex): {e}"))
 }
 
 /// Why `attach` failed.
@@ -73,6 +82,8 @@ pub enum AttachError {
     Interceptor(#[from] InterceptorError),
     #[error("metrics endpoint: {0}")]
     Metrics(String),
+    #[error("cannot install the SIGHUP handler: {0}")]
+    Signal(#[source] std::io::Error),
 }
 
 impl AttachError {
@@ -237,7 +248,7 @@ async fn intercept(
     ));
 
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .map_err(|e| AttachError::Metrics(format!("cannot install the SIGHUP handler: {e}")))?;
+        .map_err(AttachError::Signal)?;
     let mut counters = tokio::time::interval(COUNTERS_EVERY);
     tokio::pin!(shutdown);
     loop {
@@ -313,5 +324,18 @@ fn publish_counters(classifier: &Mutex<Classifier>, metrics: &Metrics) {
                 .collect(),
         ),
         Err(e) => tracing::debug!(error = %e, "reading rule counters"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marks_parse_in_decimal_and_hex() {
+        assert_eq!(parse_mark("0x68736e6f"), Ok(DEFAULT_REINJECT_MARK));
+        assert_eq!(parse_mark("42"), Ok(42));
+        assert!(parse_mark("0x1_0000_0000").is_err());
+        assert!(parse_mark("mark").is_err());
     }
 }

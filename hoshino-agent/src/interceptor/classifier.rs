@@ -290,10 +290,16 @@ impl Classifier {
     /// Fills the inactive map set with `tables`, then flips the config map to it: packets see
     /// either the old or the new policy, never a mix. On error the previous policy stays active.
     pub fn install_tables(&mut self, tables: &SetTables) -> Result<(), InterceptorError> {
-        if tables.rules.len() > MAX_RULES as usize || tables.rule_names.len() != tables.rules.len()
-        {
+        if tables.rules.len() > MAX_RULES as usize {
             return Err(TablesError::TooManyRules {
-                count: tables.rules.len().max(tables.rule_names.len()),
+                count: tables.rules.len(),
+            }
+            .into());
+        }
+        if tables.rule_names.len() != tables.rules.len() {
+            return Err(TablesError::NameCountMismatch {
+                rules: tables.rules.len(),
+                names: tables.rule_names.len(),
             }
             .into());
         }

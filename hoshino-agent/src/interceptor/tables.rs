@@ -32,6 +32,8 @@ pub enum TablesError {
         direction: &'static str,
         count: usize,
     },
+    #[error("{rules} kernel rules but {names} rule names")]
+    NameCountMismatch { rules: usize, names: usize },
     #[error("prefix length {len} is longer than {max} for {addr}")]
     PrefixTooLong { addr: IpAddr, len: u8, max: u8 },
     #[error("`{input}` is not a prefix (expected ADDRESS/LENGTH, e.g. 10.0.0.0/8 or fd00::/8)")]

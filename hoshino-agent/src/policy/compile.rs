@@ -165,7 +165,8 @@ fn kernel_rule(rule: &super::model::Rule) -> KernelRule {
 struct DirectSets {
     v4: BTreeMap<Ipv4Prefix, RuleSet>,
     v6: BTreeMap<Ipv6Prefix, RuleSet>,
-    /// Span of the prefix that made each table reach a given size: (count, span) in order.
+    /// Where each distinct prefix was first written, in order of first appearance: entry `n`
+    /// is the prefix that made the table hold `n + 1` entries.
     v4_spans: Vec<std::ops::Range<usize>>,
     v6_spans: Vec<std::ops::Range<usize>>,
 }

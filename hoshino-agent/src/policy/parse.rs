@@ -121,13 +121,14 @@ pub fn parse_policy(path: &str, text: &str) -> Result<Policy, PolicyError> {
     Ok(Policy { default, rules })
 }
 
-type Located2<T> = Result<T, (Range<usize>, Problem)>;
+/// A value, or the problem and the byte range of the text it is about.
+type Checked<T> = Result<T, (Range<usize>, Problem)>;
 
 fn parse_verdict(v: &Spanned<String>) -> Result<Verdict, Problem> {
     Verdict::from_name(v.get_ref()).ok_or_else(|| Problem::UnknownVerdict(v.get_ref().clone()))
 }
 
-fn parse_rule(raw: RawRule) -> Located2<Rule> {
+fn parse_rule(raw: RawRule) -> Checked<Rule> {
     let name_ok = {
         let n = raw.name.get_ref();
         !n.is_empty()
@@ -224,7 +225,7 @@ fn parse_rule(raw: RawRule) -> Located2<Rule> {
     })
 }
 
-fn parse_prefixes(raw: &[Spanned<String>]) -> Located2<Vec<Located<IpPrefix>>> {
+fn parse_prefixes(raw: &[Spanned<String>]) -> Checked<Vec<Located<IpPrefix>>> {
     raw.iter()
         .map(|s| {
             IpPrefix::parse(s.get_ref())
@@ -237,7 +238,7 @@ fn parse_prefixes(raw: &[Spanned<String>]) -> Located2<Vec<Located<IpPrefix>>> {
         .collect()
 }
 
-fn parse_protocol(raw: &Spanned<NumberOrText>) -> Located2<Protocol> {
+fn parse_protocol(raw: &Spanned<NumberOrText>) -> Checked<Protocol> {
     match raw.get_ref() {
         NumberOrText::Number(n) => u8::try_from(*n)
             .map(Protocol)
@@ -253,7 +254,7 @@ fn parse_protocol(raw: &Spanned<NumberOrText>) -> Located2<Protocol> {
 fn parse_range<T>(
     raw: &Spanned<NumberOrText>,
     out_of_range: fn(String) -> Problem,
-) -> Located2<InclusiveRange<T>>
+) -> Checked<InclusiveRange<T>>
 where
     T: TryFrom<i64> + Copy + PartialOrd,
 {
@@ -265,7 +266,7 @@ where
         }
         NumberOrText::Text(t) => {
             let bad = || (raw.span(), Problem::BadRange(t.clone()));
-            let number = |s: &str| -> Located2<T> {
+            let number = |s: &str| -> Checked<T> {
                 let s = s.trim();
                 if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
                     return Err(bad());
@@ -291,15 +292,15 @@ where
     }
 }
 
-fn parse_port_range(raw: &Spanned<NumberOrText>) -> Located2<PortRange> {
+fn parse_port_range(raw: &Spanned<NumberOrText>) -> Checked<PortRange> {
     parse_range(raw, Problem::PortOutOfRange)
 }
 
-fn parse_uid_range(raw: &Spanned<NumberOrText>) -> Located2<UidRange> {
+fn parse_uid_range(raw: &Spanned<NumberOrText>) -> Checked<UidRange> {
     parse_range(raw, Problem::UidOutOfRange)
 }
 
-fn parse_http(raw: RawHttp) -> Located2<HttpPolicy> {
+fn parse_http(raw: RawHttp) -> Checked<HttpPolicy> {
     let action = |s: &Spanned<String>| {
         HttpAction::from_name(s.get_ref())
             .ok_or_else(|| (s.span(), Problem::UnknownHttpAction(s.get_ref().clone())))

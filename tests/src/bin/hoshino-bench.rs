@@ -41,10 +41,26 @@ struct Args {
     /// Seconds of idle measured (scaled to a node-hour).
     #[arg(long, default_value_t = 30)]
     idle_seconds: u64,
+    /// Only the classifier figures (no S3 server, no tunnel).
+    #[arg(long)]
+    classifier_only: bool,
+    /// Skip the classifier figures.
+    #[arg(long, conflicts_with = "classifier_only")]
+    skip_classifier: bool,
+    /// Interleaved rounds of the classifier comparison.
+    #[arg(long, default_value_t = 5)]
+    classifier_rounds: u32,
+    /// Seconds per iperf3 run in the classifier comparison.
+    #[arg(long, default_value_t = 4)]
+    classifier_seconds: u32,
 }
 
 fn run(args: Args) -> anyhow::Result<ExitCode> {
     survive_interrupt();
+    if args.classifier_only {
+        classifier_figures(&args)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     println!(
         "hoshino bench ({} build, s3s-fs server in a namespace, 2 nodes)",
         if cfg!(debug_assertions) {
@@ -129,7 +145,20 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
     }
     drop(net);
+    if !args.skip_classifier {
+        classifier_figures(&args)?;
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The classifier against no program and nftables (`hoshino_tests::classifier_bench`).
+fn classifier_figures(args: &Args) -> anyhow::Result<()> {
+    let policy = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/policies/prefixes-1000.toml");
+    hoshino_tests::classifier_bench::run(&policy, args.classifier_rounds, args.classifier_seconds)
+        .context("classifier benchmark")?
+        .print();
+    Ok(())
 }
 
 struct Floor {
