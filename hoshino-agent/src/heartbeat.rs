@@ -47,7 +47,12 @@ pub enum HeartbeatError {
     MinMax { min: Duration, max: Duration },
     #[error("idle poll interval must be > 0")]
     IdlePoll,
+    #[error("heartbeat intervals must be at most {MAX_INTERVAL:?}")]
+    TooLong,
 }
+
+/// Upper bound for every configured interval, so `Instant` arithmetic cannot overflow.
+pub const MAX_INTERVAL: Duration = Duration::from_secs(3600);
 
 impl HeartbeatConfig {
     pub fn validate(&self) -> Result<(), HeartbeatError> {
@@ -59,6 +64,12 @@ impl HeartbeatConfig {
         }
         if self.idle_poll.is_zero() {
             return Err(HeartbeatError::IdlePoll);
+        }
+        if [self.max, self.linger, self.idle_poll, self.idle_after]
+            .iter()
+            .any(|d| *d > MAX_INTERVAL)
+        {
+            return Err(HeartbeatError::TooLong);
         }
         Ok(())
     }
@@ -280,5 +291,10 @@ mod tests {
         };
         assert!(c.validate().is_err());
         assert!(HeartbeatConfig::default().validate().is_ok());
+        let huge = HeartbeatConfig {
+            idle_poll: Duration::from_secs(u64::MAX / 4),
+            ..HeartbeatConfig::default()
+        };
+        assert_eq!(huge.validate(), Err(HeartbeatError::TooLong));
     }
 }

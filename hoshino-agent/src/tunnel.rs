@@ -95,6 +95,12 @@ impl TunnelConfig {
                 b.max_bytes
             )));
         }
+        if b.max_age > crate::heartbeat::MAX_INTERVAL {
+            return Err(TunnelError::Config(format!(
+                "--bundle-max-age must be at most {:?}",
+                crate::heartbeat::MAX_INTERVAL
+            )));
+        }
         if b.puts_in_flight == 0 {
             return Err(TunnelError::Config(
                 "--puts-in-flight must be at least 1".into(),

@@ -180,7 +180,7 @@ fn thousand_udp_datagrams_arrive_complete_in_order_without_duplicates(kind: Back
         .command_in(2, probe.to_str().expect("utf-8 path"))
         .expect("node 2");
     recv.args(["udp-recv", "--listen", &to.to_string(), "--expect", "1000"])
-        .args(["--timeout", "120", "--linger", "2"]);
+        .args(["--timeout", "60", "--linger", "2"]);
     let (_receiver, mut reader) = spawn_listening(recv, "udp-recv");
     let mut send = net
         .command_in(1, probe.to_str().expect("utf-8 path"))
@@ -283,7 +283,7 @@ fn forged_and_malformed_objects_are_rejected_deleted_and_the_tunnel_survives(kin
         .command_in(2, probe.to_str().expect("utf-8 path"))
         .expect("node 2");
     recv.args(["udp-recv", "--listen", &listen.to_string(), "--expect", "1"])
-        .args(["--timeout", "120", "--linger", "2"]);
+        .args(["--timeout", "60", "--linger", "2"]);
     let (_receiver, mut reader) = spawn_listening(recv, "udp-recv");
 
     let datagram = |src: Ipv6Addr, seq: u64| {
