@@ -161,6 +161,17 @@ pub fn configure(
         .stalled_stream_protection(StalledStreamProtectionConfig::disabled())
 }
 
+/// Whether an HTTP status on a GET/HEAD of one of our own keys means "no such object".
+///
+/// AWS answers 403, not 404, for a missing key when the caller may not `s3:ListBucket` that key;
+/// the least-privilege node policy grants ListBucket only with an `s3:prefix` condition, which a
+/// GET never satisfies. Treating that 403 as an error would make an unrung doorbell look "changed"
+/// on every idle poll and wake the node into LIST mode for ever. Credentials that are wrong
+/// altogether still surface: the LIST that starts every active period fails loudly.
+fn absent_status(status: u16) -> bool {
+    status == 404 || status == 403
+}
+
 impl Store {
     pub fn new(client: Client, bucket: impl Into<String>, metrics: Arc<Metrics>) -> Store {
         Store {
@@ -205,7 +216,8 @@ impl Store {
         let out = match r {
             Ok(out) => out,
             Err(e) => {
-                let missing = e.as_service_error().is_some_and(|s| s.is_no_such_key());
+                let missing = e.as_service_error().is_some_and(|s| s.is_no_such_key())
+                    || e.raw_response().is_some_and(|r| absent_status(r.status().as_u16()));
                 self.record(S3Op::Get, started, missing);
                 return if missing {
                     Ok(None)
@@ -294,7 +306,7 @@ impl Store {
             }
             Err(e) => {
                 let missing = e.as_service_error().is_some_and(|s| s.is_not_found())
-                    || e.raw_response().is_some_and(|r| r.status().as_u16() == 404);
+                    || e.raw_response().is_some_and(|r| absent_status(r.status().as_u16()));
                 self.record(S3Op::Head, started, missing);
                 if missing {
                     Ok(None)

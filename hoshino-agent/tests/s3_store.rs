@@ -21,6 +21,9 @@ const BUCKET: &str = "hsnet";
 struct Faulty {
     inner: S3Service,
     fail_next: Arc<AtomicUsize>,
+    /// Answer the next N requests 403 AccessDenied, as AWS does for a missing key when the
+    /// caller lacks s3:ListBucket on it.
+    forbid_next: Arc<AtomicUsize>,
 }
 
 impl hyper::service::Service<hyper::Request<Incoming>> for Faulty {
@@ -43,6 +46,18 @@ impl hyper::service::Service<hyper::Request<Incoming>> for Faulty {
                 Ok(resp)
             });
         }
+        let forbid = self
+            .forbid_next
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if forbid {
+            return Box::pin(async {
+                let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>";
+                let mut resp = s3s::HttpResponse::new(s3s::Body::from(body.to_string()));
+                *resp.status_mut() = hyper::StatusCode::FORBIDDEN;
+                Ok(resp)
+            });
+        }
         hyper::service::Service::call(&self.inner, req)
     }
 }
@@ -51,6 +66,7 @@ struct Server {
     store: Store,
     metrics: Arc<Metrics>,
     fail_next: Arc<AtomicUsize>,
+    forbid_next: Arc<AtomicUsize>,
     _root: TempDir,
     task: tokio::task::JoinHandle<()>,
 }
@@ -81,9 +97,11 @@ async fn server() -> Server {
     let mut builder = S3ServiceBuilder::new(fs);
     builder.set_auth(SimpleAuth::from_single("ak", "sk"));
     let fail_next = Arc::new(AtomicUsize::new(0));
+    let forbid_next = Arc::new(AtomicUsize::new(0));
     let service = Faulty {
         inner: builder.build(),
         fail_next: fail_next.clone(),
+        forbid_next: forbid_next.clone(),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -119,6 +137,7 @@ async fn server() -> Server {
         store,
         metrics,
         fail_next,
+        forbid_next,
         _root: TempDir(root),
         task,
     }
@@ -232,4 +251,19 @@ async fn listing_resumes_after_a_key() {
     let keys: Vec<&str> = listing.objects.iter().map(|o| o.key.as_str()).collect();
     assert_eq!(keys, ["v1/inbox/b/3.a"]);
     assert!(!listing.truncated);
+}
+
+/// Under the least-privilege node policy AWS answers 403 for a missing key (no unconditional
+/// s3:ListBucket); an unrung doorbell or an already-deleted inbox object must read as absent, or
+/// an idle node would wake on every bell poll.
+#[tokio::test]
+async fn access_denied_on_own_missing_key_reads_as_absent() {
+    let s = server().await;
+    s.forbid_next.store(1, Ordering::SeqCst);
+    let bell = s.store.head("v1/bell/0123456789abcdef").await;
+    assert!(matches!(bell, Ok(None)), "HEAD under 403: {bell:?}");
+    s.forbid_next.store(1, Ordering::SeqCst);
+    let got = s.store.get("v1/inbox/0123456789abcdef/x", 1 << 20).await;
+    assert!(matches!(got, Ok(None)), "GET under 403: {got:?}");
+    assert_eq!(s.forbid_next.load(Ordering::SeqCst), 0, "both 403s were served");
 }
