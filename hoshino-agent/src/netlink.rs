@@ -57,6 +57,11 @@ pub struct LinkConfig {
     pub mtu: u32,
 }
 
+/// The TUN's transmit queue, in packets. The kernel default (500) overflows silently when an
+/// application bursts faster than one S3 round trip lets the agent drain it (a 1,000-datagram UDP
+/// burst lost its second half); the agent's own egress buffer is the real bound and counts drops.
+pub const TX_QUEUE_LEN: u32 = 10_000;
+
 pub struct Netlink {
     handle: Handle,
     task: tokio::task::JoinHandle<()>,
@@ -76,10 +81,15 @@ impl Netlink {
         let link = c.link.as_str();
         self.handle
             .link()
-            .set(LinkUnspec::new_with_index(c.ifindex).mtu(c.mtu).build())
+            .set(
+                LinkUnspec::new_with_index(c.ifindex)
+                    .mtu(c.mtu)
+                    .txqueuelen(TX_QUEUE_LEN)
+                    .build(),
+            )
             .execute()
             .await
-            .map_err(|e| classify("setting the MTU", link, e))?;
+            .map_err(|e| classify("setting the MTU and queue length", link, e))?;
         let mut add = self
             .handle
             .address()

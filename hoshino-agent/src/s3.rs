@@ -217,7 +217,8 @@ impl Store {
             Ok(out) => out,
             Err(e) => {
                 let missing = e.as_service_error().is_some_and(|s| s.is_no_such_key())
-                    || e.raw_response().is_some_and(|r| absent_status(r.status().as_u16()));
+                    || e.raw_response()
+                        .is_some_and(|r| absent_status(r.status().as_u16()));
                 self.record(S3Op::Get, started, missing);
                 return if missing {
                     Ok(None)
@@ -306,7 +307,8 @@ impl Store {
             }
             Err(e) => {
                 let missing = e.as_service_error().is_some_and(|s| s.is_not_found())
-                    || e.raw_response().is_some_and(|r| absent_status(r.status().as_u16()));
+                    || e.raw_response()
+                        .is_some_and(|r| absent_status(r.status().as_u16()));
                 self.record(S3Op::Head, started, missing);
                 if missing {
                     Ok(None)

@@ -265,5 +265,9 @@ async fn access_denied_on_own_missing_key_reads_as_absent() {
     s.forbid_next.store(1, Ordering::SeqCst);
     let got = s.store.get("v1/inbox/0123456789abcdef/x", 1 << 20).await;
     assert!(matches!(got, Ok(None)), "GET under 403: {got:?}");
-    assert_eq!(s.forbid_next.load(Ordering::SeqCst), 0, "both 403s were served");
+    assert_eq!(
+        s.forbid_next.load(Ordering::SeqCst),
+        0,
+        "both 403s were served"
+    );
 }

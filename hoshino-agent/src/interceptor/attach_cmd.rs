@@ -30,7 +30,7 @@ pub struct AttachArgs {
     /// Interface whose outgoing packets the classifier judges.
     #[arg(long, env = "HOSHINO_INTERFACE", help_heading = "Interceptor")]
     pub interface: String,
-    /// Policy file (TOML, see docs/POLICY.md); SIGHUP re-reads it.
+    /// Policy file (TOML, see README.md, "Policy files"); SIGHUP re-reads it.
     #[arg(
         long,
         env = "HOSHINO_POLICY",

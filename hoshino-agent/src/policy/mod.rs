@@ -1,4 +1,4 @@
-//! The policy language: a TOML file of ordered, named rules (see `docs/POLICY.md`), parsed with
+//! The policy language: a TOML file of ordered, named rules (see README.md, "Policy files"), parsed with
 //! locations for every error and compiled into the classifier's map contents. Sans-IO except
 //! for [`load`], which reads the file.
 
