@@ -479,3 +479,43 @@ fn attach_and_wait_child() {
     thread::sleep(Duration::from_secs(120));
     drop(classifier);
 }
+
+/// The path for kernels without TCX: a clsact filter classifies the same traffic, shows up in
+/// `tc filter show`, and is gone after detach (a netlink filter would otherwise outlive us).
+#[test]
+fn clsact_filter_classifies_real_traffic_and_is_removed_on_detach() {
+    let pair = Pair::new();
+    assert!(pair.ping(ADDR_B), "baseline ping must work");
+    let a = pair.a.clone();
+    let path = format!("/var/run/netns/{a}");
+    let (to_test, from_main) = std::sync::mpsc::channel::<()>();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let worker = thread::spawn(move || {
+        enter_netns(&path);
+        let mut classifier = Classifier::load(&ClassifierOptions::default()).unwrap();
+        classifier.install_spec(&test_policy()).unwrap();
+        let mode = classifier.attach_clsact("va", Direction::Egress).unwrap();
+        ready_tx.send(mode).unwrap();
+        from_main.recv().unwrap();
+        classifier.detach().unwrap();
+    });
+    let mode = ready_rx.recv().unwrap();
+    assert_eq!(mode, AttachMode::Netlink);
+    assert_eq!(tcx_programs(&pair.a, "va"), 0, "no TCX link on this path");
+    assert!(
+        tc_filters(&pair.a, "va").contains("bpf"),
+        "a clsact bpf filter is installed"
+    );
+    assert!(
+        !pair.ping(ADDR_B),
+        "ICMP to B must be dropped by the filter"
+    );
+    assert!(pair.ping(ADDR6_B), "ICMPv6 to B falls to the default pass");
+    to_test.send(()).unwrap();
+    worker.join().unwrap();
+    assert!(
+        !tc_filters(&pair.a, "va").contains("bpf"),
+        "detach removes the filter"
+    );
+    assert!(pair.ping(ADDR_B), "after detach ICMP passes again");
+}

@@ -216,44 +216,84 @@ impl Classifier {
         interface: &str,
         direction: Direction,
     ) -> Result<AttachMode, InterceptorError> {
-        let l3 = !has_ethernet_header(interface)?;
-        let mut config = self.config;
-        config.flags =
-            (config.flags & !CONFIG_L3_INTERFACE) | if l3 { CONFIG_L3_INTERFACE } else { 0 };
-        self.write_config(config)?;
+        self.prepare_interface(interface)?;
         let program = self.program()?;
-        let (link, mode) = match program.attach_with_options(
+        match program.attach_with_options(
             interface,
             direction.tc(),
             TcAttachOptions::TcxOrder(LinkOrder::default()),
         ) {
-            Ok(link) => (link, AttachMode::Tcx),
+            Ok(link) => {
+                self.record(interface, direction, AttachMode::Tcx, link);
+                Ok(AttachMode::Tcx)
+            }
             Err(tcx) => {
                 tracing::info!(interface, error = %tcx, "TCX attach failed; falling back to a clsact filter");
-                // An existing clsact qdisc (someone else's filters) is fine to share.
-                let _ = tc::qdisc_add_clsact(interface);
-                let link = program
-                    .attach_with_options(
-                        interface,
-                        direction.tc(),
-                        TcAttachOptions::Netlink(NlOptions::default()),
-                    )
-                    .map_err(|netlink| InterceptorError::Attach {
-                        interface: interface.to_owned(),
-                        direction,
-                        tcx: Box::new(tcx),
-                        netlink: Box::new(netlink),
-                    })?;
-                (link, AttachMode::Netlink)
+                self.attach_netlink_after(interface, direction, Some(tcx))
             }
-        };
+        }
+    }
+
+    /// Attaches as a clsact (netlink) filter, the path for kernels without TCX. Unlike a TCX link,
+    /// such a filter outlives the process, so `detach` (or drop) must run.
+    pub fn attach_clsact(
+        &mut self,
+        interface: &str,
+        direction: Direction,
+    ) -> Result<AttachMode, InterceptorError> {
+        self.prepare_interface(interface)?;
+        self.attach_netlink_after(interface, direction, None)
+    }
+
+    fn prepare_interface(&mut self, interface: &str) -> Result<(), InterceptorError> {
+        let l3 = !has_ethernet_header(interface)?;
+        let mut config = self.config;
+        config.flags =
+            (config.flags & !CONFIG_L3_INTERFACE) | if l3 { CONFIG_L3_INTERFACE } else { 0 };
+        self.write_config(config)
+    }
+
+    fn attach_netlink_after(
+        &mut self,
+        interface: &str,
+        direction: Direction,
+        tcx: Option<ProgramError>,
+    ) -> Result<AttachMode, InterceptorError> {
+        // An existing clsact qdisc (someone else's filters) is fine to share.
+        let _ = tc::qdisc_add_clsact(interface);
+        let program = self.program()?;
+        let link = program
+            .attach_with_options(
+                interface,
+                direction.tc(),
+                TcAttachOptions::Netlink(NlOptions::default()),
+            )
+            .map_err(|netlink| match tcx {
+                Some(tcx) => InterceptorError::Attach {
+                    interface: interface.to_owned(),
+                    direction,
+                    tcx: Box::new(tcx),
+                    netlink: Box::new(netlink),
+                },
+                None => program_err(netlink),
+            })?;
+        self.record(interface, direction, AttachMode::Netlink, link);
+        Ok(AttachMode::Netlink)
+    }
+
+    fn record(
+        &mut self,
+        interface: &str,
+        direction: Direction,
+        mode: AttachMode,
+        link: SchedClassifierLinkId,
+    ) {
         self.attachments.push(Attachment {
             interface: interface.to_owned(),
             direction,
             mode,
             link,
         });
-        Ok(mode)
     }
 
     /// Where the classifier is attached.
