@@ -211,3 +211,29 @@ fn request_line_spanning_several_segments_is_reassembled() {
     );
     assert_eq!(f.code, 56, "{f:?}");
 }
+
+/// The classifier's aya-log records reach the agent's own log (target `hoshino_ebpf`) at debug
+/// level when verdict logging is on.
+#[test]
+fn classifier_log_records_appear_in_the_agent_log_at_debug_level() {
+    let bed = MetadataBed::new();
+    let mut agent = AttachedAgent::start_configured(
+        &bed.client,
+        bed.scratch.path(),
+        "eth0",
+        &example_policy("metadata.toml"),
+        &["--log-verdicts"],
+        |cmd| {
+            cmd.env("RUST_LOG", "info,hoshino_ebpf=debug");
+        },
+    );
+    let f = bed.fetch(None, &imds_url(false, "/latest/meta-data/instance-id"));
+    assert!(f.ok(), "root fetch: {f:?}");
+    agent.wait_for_log("hoshino_ebpf", 1, Duration::from_secs(10));
+    let log = agent.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("hoshino_ebpf") && l.contains("verdict"))
+        .unwrap_or_else(|| panic!("no classifier verdict record in the agent log:\n{log}"));
+    assert!(line.contains("DEBUG"), "logged at debug level: {line}");
+}
