@@ -111,6 +111,9 @@ impl Ingress {
                 Poll::List => {
                     let found = self.poll_inbox(&mut st).await;
                     st.heartbeat.list_done(Instant::now(), found);
+                    if st.heartbeat.is_idle() {
+                        self.settle_into_idle(&mut st).await;
+                    }
                 }
                 Poll::Bell => {
                     let changed = match self.store.head(&bell_key(self.me.id)).await {
@@ -150,6 +153,24 @@ impl Ingress {
     }
 
     /// One LIST and the work it finds. Returns whether new objects were found.
+    /// Entering idle: baseline the doorbell, then LIST once more. Rings that came while we were
+    /// LISTing anyway were answered by those LISTs; without a fresh baseline the first idle HEAD
+    /// would see them as new and wake the node for a whole active period (~17 LISTs) for nothing.
+    /// A ring after the baseline still changes the ETag, and an object PUT before it is seen by
+    /// the LIST that follows, so nothing is stranded.
+    async fn settle_into_idle(&self, st: &mut State) {
+        match self.store.head(&bell_key(self.me.id)).await {
+            Ok(etag) => st.bell_etag = etag,
+            // Keep the old baseline: at worst the first idle HEAD wakes us once.
+            Err(e) => self.warn(st, &e),
+        }
+        if self.poll_inbox(st).await {
+            let now = Instant::now();
+            st.heartbeat.wake(now);
+            st.heartbeat.list_done(now, true);
+        }
+    }
+
     async fn poll_inbox(&self, st: &mut State) -> bool {
         let prefix = inbox_prefix(self.me.id);
         let now = Instant::now();
