@@ -402,6 +402,53 @@ on_both_servers!(
     forged_and_malformed_objects_are_rejected_deleted_and_the_tunnel_survives,
 );
 
+/// DESIGN.md "Waking an idle receiver cheaply": once idle, a node makes no LIST at all, only a
+/// doorbell HEAD per second, and a ping still wakes the peer and gets every reply.
+#[test]
+fn idle_nodes_only_poll_the_doorbell_and_wake_when_pinged() {
+    let net = start(BackendKind::S3sFs);
+    // Traffic both ways first, so both bells have been rung and both nodes were active.
+    assert_every_reply(&net, 1, 2, 3);
+    let count = |op: &str| -> Vec<f64> {
+        net.agents
+            .iter()
+            .map(|a| {
+                a.metrics()
+                    .expect("metrics")
+                    .sum_where("hoshino_s3_requests_total", &[("op", op)])
+            })
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let idle: Vec<f64> = net
+            .agents
+            .iter()
+            .map(|a| a.metrics().expect("metrics").sum("hoshino_heartbeat_idle"))
+            .collect();
+        if idle.iter().all(|v| *v >= 1.0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "agents did not go idle: {idle:?}\n{}",
+            logs(&net)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (lists, heads) = (count("list"), count("head"));
+    std::thread::sleep(Duration::from_secs(4));
+    let (lists_after, heads_after) = (count("list"), count("head"));
+    assert_eq!(lists, lists_after, "no LIST while idle\n{}", logs(&net));
+    for (before, after) in heads.iter().zip(&heads_after) {
+        assert!(
+            after - before >= 2.0,
+            "doorbell HEADs while idle: {before} -> {after}"
+        );
+    }
+    assert_every_reply(&net, 1, 2, 3);
+}
+
 /// Only our server injects faults: a fifth of all requests get 503 SlowDown.
 #[test]
 fn ping_gets_every_reply_despite_a_fifth_of_requests_slowed_down() {

@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 
 /// Builds `hoshino-ebpf` into `<target dir>/xtask-ebpf/hoshino`.
 pub fn run() -> anyhow::Result<()> {
-    let root = workspace_root()?;
+    let root = crate::cargo::workspace_root();
     let toolchain = pinned_toolchain(&root)?;
     let target_dir = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
@@ -47,14 +47,6 @@ pub fn run() -> anyhow::Result<()> {
         .len();
     println!("{} ({size} bytes)", object.display());
     Ok(())
-}
-
-fn workspace_root() -> anyhow::Result<PathBuf> {
-    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    manifest
-        .parent()
-        .map(Path::to_path_buf)
-        .with_context(|| format!("{} has no parent", manifest.display()))
 }
 
 /// `EBPF_TOOLCHAIN` from `scripts/versions.env`.

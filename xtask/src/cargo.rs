@@ -4,8 +4,14 @@ use std::path::PathBuf;
 use std::process::{Command, ExitCode};
 
 /// The workspace root (xtask's manifest lives one level below it).
+///
+/// `cargo run` sets `CARGO_MANIFEST_DIR` for the process, and that wins over the directory baked
+/// in at compile time: checkouts sharing one target directory (CI's clones, worktrees) can get
+/// an xtask binary that cargo judged fresh but was built from another checkout.
 pub fn workspace_root() -> PathBuf {
-    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let manifest = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
     manifest.parent().map(PathBuf::from).unwrap_or(manifest)
 }
 
