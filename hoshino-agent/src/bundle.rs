@@ -1,21 +1,46 @@
-//! Bundle codec v1: several IPv6 packets for one destination in one object, optionally
-//! authenticated with HMAC-SHA256 under the network key. Layout (big-endian) in `docs/DESIGN.md`.
+//! Bundle codec: several IPv6 packets for one destination in one object. Two versions, one
+//! checked parser (layouts, big-endian, in `docs/DESIGN.md` "Bundle format"):
+//! - v1, without a network key: plaintext, header checks only.
+//! - v2, with a network key: the packets are encrypted and authenticated with
+//!   XChaCha20-Poly1305 under a key derived from the network key by HKDF-SHA256; the clear
+//!   header (with its random 24-byte nonce) is the associated data, so someone who can read the
+//!   bucket learns only sizes and timing, and no header field can be changed undetected.
 //!
-//! Encoding writes packets straight into the object buffer (`BundleWriter`) so egress copies
-//! each packet once; decoding is one checked parser returning borrowed packet slices.
+//! A node with a key accepts only v2; a node without one refuses v2 (`no_key`), since it cannot
+//! verify it. Encoding writes packets straight into the object buffer (`BundleWriter`) and
+//! encrypts them in place, so egress copies each packet once.
 
 use std::ops::Range;
 
-use hmac::{Hmac, Mac};
+use bytes::Bytes;
+use chacha20poly1305::aead::{AeadInPlace, KeyInit};
+use chacha20poly1305::{Tag, XChaCha20Poly1305, XNonce};
+use hkdf::Hkdf;
+use rand::RngCore;
 use sha2::Sha256;
 
 use crate::node_addr::NodeId;
 
 pub const MAGIC: &[u8; 4] = b"HSB1";
-pub const VERSION: u8 = 1;
+/// Plaintext bundles, written and read only without a network key.
+pub const VERSION_PLAIN: u8 = 1;
+/// AEAD bundles, written and read only with a network key.
+pub const VERSION_AEAD: u8 = 2;
+/// The v1 header; `BundleWriter::len` counts it, so size budgets are the same for both versions.
 pub const HEADER_LEN: usize = 48;
-pub const MAC_LEN: usize = 32;
-pub const FLAG_AUTHENTICATED: u8 = 0x01;
+/// Bytes a network key adds to a bundle over `HEADER_LEN` + packets: the v2 nonce (24) and the
+/// Poly1305 tag (16).
+pub const MAC_LEN: usize = NONCE_LEN + TAG_LEN;
+const NONCE_LEN: usize = 24;
+const TAG_LEN: usize = 16;
+/// The fields shared by both versions: magic, version, flags, reserved, sender, dest, session, seq.
+const FIELDS_LEN: usize = 40;
+/// v2's clear header: the fields and the nonce. This is the associated data.
+const AEAD_HEADER_LEN: usize = FIELDS_LEN + NONCE_LEN;
+/// count (4) and reserved (4): in the clear after the v1 fields, encrypted in v2.
+const COUNT_LEN: usize = 8;
+/// The writer reserves room for the larger (v2) header so either version is finished in place.
+const RESERVED: usize = AEAD_HEADER_LEN + COUNT_LEN;
 /// Upper bound on packets per bundle (the parser also checks it against the object's size).
 pub const MAX_PACKETS: u32 = 65_536;
 /// Objects larger than this are deleted unread.
@@ -23,8 +48,9 @@ pub const MAX_BUNDLE_BYTES: usize = 16 * 1024 * 1024;
 const IPV6_HEADER_LEN: usize = 40;
 /// Network keys shorter than this are refused: a guessable key authenticates nothing.
 pub const MIN_KEY_LEN: usize = 16;
-
-type HmacSha256 = Hmac<Sha256>;
+/// HKDF `info`: binds the derived key to this use, so the same key file used for anything else
+/// (or a later format) yields an unrelated key.
+const KDF_LABEL: &[u8] = b"hoshino bundle v2 xchacha20-poly1305 key";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq, Clone)]
 pub enum BundleError {
@@ -32,9 +58,9 @@ pub enum BundleError {
     Oversized(usize),
     #[error("bad magic {0:02x?}, expected \"HSB1\"")]
     BadMagic([u8; 4]),
-    #[error("unsupported bundle version {0}")]
+    #[error("unsupported bundle version {0}, expected 1 (plain) or 2 (AEAD)")]
     BadVersion(u8),
-    #[error("unknown flags {0:#04x} or nonzero reserved field")]
+    #[error("nonzero flags {0:#04x} or reserved field")]
     BadFlags(u8),
     #[error("truncated: needed {needed} bytes at offset {offset}, {available} available")]
     Truncated {
@@ -42,17 +68,17 @@ pub enum BundleError {
         needed: usize,
         available: usize,
     },
-    #[error("packet count {0} outside 1..={MAX_PACKETS}")]
+    #[error("packet count {0} outside 0..={MAX_PACKETS} or larger than the bundle can hold")]
     BadCount(u32),
     #[error("packet {index}: {reason}")]
     BadPacket { index: u32, reason: &'static str },
     #[error("{0} trailing bytes after the last packet")]
     TrailingBytes(usize),
-    #[error("authentication tag does not verify")]
+    #[error("AEAD tag does not verify (wrong network key, or the bundle was altered)")]
     BadMac,
-    #[error("bundle is not authenticated but this node requires a network key")]
+    #[error("bundle is plaintext (v1) but this node requires the network key (v2)")]
     Unauthenticated,
-    #[error("bundle is authenticated but this node has no network key to verify it")]
+    #[error("bundle is encrypted (v2) but this node has no network key to open it")]
     NoKey,
     #[error("header sender {header} differs from key sender {key}")]
     SenderMismatch { header: NodeId, key: NodeId },
@@ -81,28 +107,35 @@ impl BundleError {
     }
 }
 
-/// The shared secret of a network; bundles carry an HMAC-SHA256 under it when configured.
+/// The shared secret of a network. Only the AEAD key derived from it is kept.
 #[derive(Clone)]
-pub struct NetworkKey(Vec<u8>);
+pub struct NetworkKey {
+    aead: XChaCha20Poly1305,
+    source_len: usize,
+}
 
 impl NetworkKey {
     /// `None` when the key is shorter than `MIN_KEY_LEN`.
     pub fn new(bytes: &[u8]) -> Option<NetworkKey> {
-        (bytes.len() >= MIN_KEY_LEN).then(|| NetworkKey(bytes.to_vec()))
-    }
-
-    fn mac(&self) -> HmacSha256 {
-        // HMAC accepts keys of any length, so this cannot fail.
-        match HmacSha256::new_from_slice(&self.0) {
-            Ok(m) => m,
-            Err(_) => unreachable!("HMAC-SHA256 accepts any key length"),
+        if bytes.len() < MIN_KEY_LEN {
+            return None;
         }
+        // No salt: the key file is already a secret of full entropy or close to it; the label
+        // does the domain separation.
+        let mut okm = [0u8; 32];
+        Hkdf::<Sha256>::new(None, bytes)
+            .expand(KDF_LABEL, &mut okm)
+            .ok()?;
+        Some(NetworkKey {
+            aead: XChaCha20Poly1305::new(&okm.into()),
+            source_len: bytes.len(),
+        })
     }
 }
 
 impl std::fmt::Debug for NetworkKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "NetworkKey({} bytes)", self.0.len())
+        write!(f, "NetworkKey({} bytes)", self.source_len)
     }
 }
 
@@ -114,10 +147,24 @@ pub struct BundleHeader {
     pub seq: u64,
 }
 
+impl BundleHeader {
+    fn write_fields(&self, version: u8, out: &mut [u8]) {
+        out[0..4].copy_from_slice(MAGIC);
+        out[4] = version;
+        out[5..8].fill(0);
+        out[8..16].copy_from_slice(&self.sender.0.to_be_bytes());
+        out[16..24].copy_from_slice(&self.dest.0.to_be_bytes());
+        out[24..32].copy_from_slice(&self.session.to_be_bytes());
+        out[32..40].copy_from_slice(&self.seq.to_be_bytes());
+    }
+}
+
 /// Builds one bundle in place. The header is written at `finish`, when the sequence number is
-/// known.
+/// known. A writer with no packets finishes to a valid empty bundle: an explicit skip marker
+/// for its sequence number.
 #[derive(Debug)]
 pub struct BundleWriter {
+    /// `RESERVED` bytes for the header, then the packet records.
     buf: Vec<u8>,
     count: u32,
 }
@@ -127,15 +174,16 @@ impl BundleWriter {
         Self::with_capacity(HEADER_LEN + 2048)
     }
 
+    /// `capacity` counts as `len` does; the AEAD overhead is added to it.
     pub fn with_capacity(capacity: usize) -> BundleWriter {
-        let mut buf = Vec::with_capacity(capacity.max(HEADER_LEN));
-        buf.resize(HEADER_LEN, 0);
+        let mut buf = Vec::with_capacity(capacity.max(HEADER_LEN) + MAC_LEN);
+        buf.resize(RESERVED, 0);
         BundleWriter { buf, count: 0 }
     }
 
-    /// Bytes the bundle occupies so far (header + packets, without MAC).
+    /// Bytes the bundle occupies so far as v1 (header + packets); v2 adds `MAC_LEN`.
     pub fn len(&self) -> usize {
-        self.buf.len()
+        self.buf.len() - RESERVED + HEADER_LEN
     }
 
     pub fn packet_count(&self) -> u32 {
@@ -164,25 +212,38 @@ impl BundleWriter {
         self.count += 1;
     }
 
+    /// v2 (encrypted) with a key, v1 (plaintext) without.
     pub fn finish(mut self, header: &BundleHeader, key: Option<&NetworkKey>) -> Vec<u8> {
-        let flags = if key.is_some() { FLAG_AUTHENTICATED } else { 0 };
-        let mut h = [0u8; HEADER_LEN];
-        h[0..4].copy_from_slice(MAGIC);
-        h[4] = VERSION;
-        h[5] = flags;
-        h[8..16].copy_from_slice(&header.sender.0.to_be_bytes());
-        h[16..24].copy_from_slice(&header.dest.0.to_be_bytes());
-        h[24..32].copy_from_slice(&header.session.to_be_bytes());
-        h[32..40].copy_from_slice(&header.seq.to_be_bytes());
-        h[40..44].copy_from_slice(&self.count.to_be_bytes());
-        self.buf[..HEADER_LEN].copy_from_slice(&h);
-        if let Some(key) = key {
-            let mut mac = key.mac();
-            mac.update(&self.buf);
-            let tag = mac.finalize().into_bytes();
-            self.buf.extend_from_slice(&tag);
+        let count = self.count.to_be_bytes();
+        match key {
+            Some(key) => {
+                let (head, body) = self.buf.split_at_mut(AEAD_HEADER_LEN);
+                header.write_fields(VERSION_AEAD, &mut head[..FIELDS_LEN]);
+                let mut nonce = [0u8; NONCE_LEN];
+                rand::rng().fill_bytes(&mut nonce);
+                head[FIELDS_LEN..].copy_from_slice(&nonce);
+                body[0..4].copy_from_slice(&count);
+                body[4..8].fill(0);
+                let tag =
+                    key.aead
+                        .encrypt_in_place_detached(XNonce::from_slice(&nonce), head, body);
+                match tag {
+                    Ok(tag) => self.buf.extend_from_slice(&tag),
+                    // Only a buffer beyond the cipher's 256 GiB limit fails; a writer never
+                    // holds one (the caller bounds bundles at MAX_BUNDLE_BYTES).
+                    Err(_) => unreachable!("XChaCha20-Poly1305 encrypts any bundle-sized buffer"),
+                }
+                self.buf
+            }
+            None => {
+                // The v1 header is the last HEADER_LEN bytes of the reservation; drop the rest.
+                let start = RESERVED - HEADER_LEN;
+                header.write_fields(VERSION_PLAIN, &mut self.buf[start..start + FIELDS_LEN]);
+                self.buf[start + FIELDS_LEN..start + FIELDS_LEN + 4].copy_from_slice(&count);
+                self.buf.drain(..start);
+                self.buf
+            }
         }
-        self.buf
     }
 }
 
@@ -192,11 +253,39 @@ impl Default for BundleWriter {
     }
 }
 
-/// A parsed bundle: the header and the byte ranges of its packets within the object.
+/// A parsed bundle: the header and the byte ranges of its packets. For v1 the ranges index the
+/// object itself; for v2 they index the decrypted plaintext the bundle holds. Read packets with
+/// `packet_slices` or `into_parts`, which pick the right buffer.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Bundle {
     pub header: BundleHeader,
     pub packets: Vec<Range<usize>>,
+    plaintext: Option<Vec<u8>>,
+}
+
+impl Bundle {
+    /// The bytes `packets` index: the decrypted plaintext (v2) or `object` (v1).
+    pub fn body<'a>(&'a self, object: &'a [u8]) -> &'a [u8] {
+        self.plaintext.as_deref().unwrap_or(object)
+    }
+
+    /// The packets of this bundle, decoded from `object`.
+    pub fn packet_slices<'a>(&'a self, object: &'a [u8]) -> impl Iterator<Item = &'a [u8]> + 'a {
+        let body = self.body(object);
+        self.packets.iter().filter_map(move |r| body.get(r.clone()))
+    }
+
+    /// The buffer `packets` index (`object` itself for v1, the plaintext for v2) and the ranges,
+    /// for a caller that keeps the packets beyond the parse.
+    pub fn into_parts(self, object: Bytes) -> (Bytes, Vec<Range<usize>>) {
+        let body = self.plaintext.map_or(object, Bytes::from);
+        (body, self.packets)
+    }
+
+    /// `true` for an explicit skip marker: a valid bundle that carries no packets.
+    pub fn is_skip(&self) -> bool {
+        self.packets.is_empty()
+    }
 }
 
 /// Reads `n` bytes at `offset`, or says how short the input is.
@@ -223,62 +312,86 @@ fn be_u32(b: &[u8]) -> u32 {
     u32::from_be_bytes(a)
 }
 
-/// The one checked parser. `key` is this node's network key: when set, only authenticated
-/// bundles are accepted; when unset, authenticated bundles are refused since they cannot be
-/// verified.
+/// The one checked parser. `key` is this node's network key: with it only v2 bundles are
+/// accepted and opened; without it only v1.
 pub fn decode(input: &[u8], key: Option<&NetworkKey>) -> Result<Bundle, BundleError> {
     if input.len() > MAX_BUNDLE_BYTES {
         return Err(BundleError::Oversized(input.len()));
     }
-    let head = take(input, 0, HEADER_LEN)?;
+    let fields = take(input, 0, FIELDS_LEN)?;
     let mut magic = [0u8; 4];
-    magic.copy_from_slice(&head[0..4]);
+    magic.copy_from_slice(&fields[0..4]);
     if &magic != MAGIC {
         return Err(BundleError::BadMagic(magic));
     }
-    if head[4] != VERSION {
-        return Err(BundleError::BadVersion(head[4]));
+    let version = fields[4];
+    if version != VERSION_PLAIN && version != VERSION_AEAD {
+        return Err(BundleError::BadVersion(version));
     }
-    let flags = head[5];
-    if flags & !FLAG_AUTHENTICATED != 0 || head[6..8] != [0, 0] || head[44..48] != [0; 4] {
-        return Err(BundleError::BadFlags(flags));
+    if fields[5..8] != [0, 0, 0] {
+        return Err(BundleError::BadFlags(fields[5]));
     }
-    let body_end = if flags & FLAG_AUTHENTICATED != 0 {
-        let key = key.ok_or(BundleError::NoKey)?;
-        let body_end = input
-            .len()
-            .checked_sub(MAC_LEN)
-            .filter(|&e| e >= HEADER_LEN)
-            .ok_or(BundleError::Truncated {
-                offset: HEADER_LEN,
-                needed: MAC_LEN,
-                available: input.len() - HEADER_LEN,
-            })?;
-        let mut mac = key.mac();
-        mac.update(&input[..body_end]);
-        mac.verify_slice(&input[body_end..])
-            .map_err(|_| BundleError::BadMac)?;
-        body_end
-    } else {
-        if key.is_some() {
-            return Err(BundleError::Unauthenticated);
-        }
-        input.len()
-    };
-    let body = &input[..body_end];
     let header = BundleHeader {
-        sender: NodeId(be_u64(&head[8..16])),
-        dest: NodeId(be_u64(&head[16..24])),
-        session: be_u64(&head[24..32]),
-        seq: be_u64(&head[32..40]),
+        sender: NodeId(be_u64(&fields[8..16])),
+        dest: NodeId(be_u64(&fields[16..24])),
+        session: be_u64(&fields[24..32]),
+        seq: be_u64(&fields[32..40]),
     };
-    let count = be_u32(&head[40..44]);
-    let max_fit = (body.len() - HEADER_LEN) / (4 + IPV6_HEADER_LEN);
-    if count == 0 || count > MAX_PACKETS || count as usize > max_fit.max(1) {
+    match (version, key) {
+        (VERSION_PLAIN, None) => {
+            let packets = parse_records(input, FIELDS_LEN)?;
+            Ok(Bundle {
+                header,
+                packets,
+                plaintext: None,
+            })
+        }
+        (VERSION_PLAIN, Some(_)) => Err(BundleError::Unauthenticated),
+        (_, None) => Err(BundleError::NoKey),
+        (_, Some(key)) => {
+            let head = take(input, 0, AEAD_HEADER_LEN)?;
+            let tag_at = input
+                .len()
+                .checked_sub(TAG_LEN)
+                .filter(|&t| t >= AEAD_HEADER_LEN + COUNT_LEN)
+                .ok_or(BundleError::Truncated {
+                    offset: AEAD_HEADER_LEN,
+                    needed: COUNT_LEN + TAG_LEN,
+                    available: input.len() - AEAD_HEADER_LEN,
+                })?;
+            let mut plaintext = input[AEAD_HEADER_LEN..tag_at].to_vec();
+            key.aead
+                .decrypt_in_place_detached(
+                    XNonce::from_slice(&head[FIELDS_LEN..]),
+                    head,
+                    &mut plaintext,
+                    Tag::from_slice(&input[tag_at..]),
+                )
+                .map_err(|_| BundleError::BadMac)?;
+            let packets = parse_records(&plaintext, 0)?;
+            Ok(Bundle {
+                header,
+                packets,
+                plaintext: Some(plaintext),
+            })
+        }
+    }
+}
+
+/// Parses `count`, `reserved` and the packet records starting at `start` through the end of
+/// `body`. The ranges index `body`.
+fn parse_records(body: &[u8], start: usize) -> Result<Vec<Range<usize>>, BundleError> {
+    let count_field = take(body, start, COUNT_LEN)?;
+    let count = be_u32(&count_field[0..4]);
+    if count_field[4..8] != [0; 4] {
+        return Err(BundleError::BadFlags(0));
+    }
+    let mut offset = start + COUNT_LEN;
+    let max_fit = (body.len() - offset) / (4 + IPV6_HEADER_LEN);
+    if count > MAX_PACKETS || count as usize > max_fit {
         return Err(BundleError::BadCount(count));
     }
     let mut packets = Vec::with_capacity(count as usize);
-    let mut offset = HEADER_LEN;
     for index in 0..count {
         let len = be_u32(take(body, offset, 4)?) as usize;
         offset += 4;
@@ -290,7 +403,7 @@ pub fn decode(input: &[u8], key: Option<&NetworkKey>) -> Result<Bundle, BundleEr
     if offset != body.len() {
         return Err(BundleError::TrailingBytes(body.len() - offset));
     }
-    Ok(Bundle { header, packets })
+    Ok(packets)
 }
 
 /// A packet inside a bundle must be a complete IPv6 packet: its payload length field agrees with
@@ -361,43 +474,124 @@ mod tests {
         ]
     }
 
+    fn packets_of(bytes: &[u8], key: Option<&NetworkKey>) -> Vec<Vec<u8>> {
+        let b = decode(bytes, key).unwrap();
+        b.packet_slices(bytes).map(<[u8]>::to_vec).collect()
+    }
+
     #[test]
-    fn round_trip_preserves_header_and_packets_in_order() {
-        let packets = sample();
-        let bytes = encode(&packets, None);
+    fn plain_round_trip_preserves_header_and_packets_in_order() {
+        let bytes = encode(&sample(), None);
+        assert_eq!(bytes[4], VERSION_PLAIN);
         let b = decode(&bytes, None).unwrap();
         assert_eq!(b.header, header());
+        assert_eq!(packets_of(&bytes, None), sample());
+        // v1 ranges index the object itself.
         let got: Vec<&[u8]> = b.packets.iter().map(|r| &bytes[r.clone()]).collect();
-        assert_eq!(
-            got,
-            packets.iter().map(|p| p.as_slice()).collect::<Vec<_>>()
-        );
+        assert_eq!(got, sample().iter().map(Vec::as_slice).collect::<Vec<_>>());
     }
 
     #[test]
-    fn authenticated_round_trip_verifies() {
+    fn plain_layout_is_unchanged_from_v1() {
+        let bytes = encode(&[ipv6_packet(1, 2, b"x")], None);
+        assert_eq!(&bytes[0..4], MAGIC);
+        assert_eq!(bytes[4], 1);
+        assert_eq!(&bytes[8..16], &0x1111u64.to_be_bytes());
+        assert_eq!(&bytes[32..40], &7u64.to_be_bytes());
+        assert_eq!(&bytes[40..44], &1u32.to_be_bytes());
+        assert_eq!(&bytes[48..52], &41u32.to_be_bytes());
+        assert_eq!(bytes.len(), HEADER_LEN + 4 + 41);
+    }
+
+    #[test]
+    fn encrypted_round_trip_opens_under_the_same_key() {
         let bytes = encode(&sample(), Some(&key()));
-        assert_eq!(bytes[5], FLAG_AUTHENTICATED);
+        assert_eq!(bytes[4], VERSION_AEAD);
         let b = decode(&bytes, Some(&key())).unwrap();
-        assert_eq!(b.packets.len(), 3);
+        assert_eq!(b.header, header());
+        assert_eq!(packets_of(&bytes, Some(&key())), sample());
+        let (body, ranges) = b.into_parts(Bytes::from(bytes.clone()));
+        let got: Vec<&[u8]> = ranges.iter().map(|r| &body[r.clone()]).collect();
+        assert_eq!(got, sample().iter().map(Vec::as_slice).collect::<Vec<_>>());
     }
 
     #[test]
-    fn forged_bundle_with_wrong_key_is_rejected() {
+    fn encrypted_bundle_size_is_plain_size_plus_mac_len() {
+        let mut w = BundleWriter::new();
+        for p in sample() {
+            w.push(&p);
+        }
+        let len = w.len();
+        let plain = encode(&sample(), None);
+        let sealed = w.finish(&header(), Some(&key()));
+        assert_eq!(plain.len(), len);
+        assert_eq!(sealed.len(), len + MAC_LEN);
+    }
+
+    #[test]
+    fn encrypted_bundle_hides_the_packets() {
+        let packets = vec![ipv6_packet(1, 2, b"a secret payload"); 3];
+        let bytes = encode(&packets, Some(&key()));
+        let needle = b"a secret payload";
+        assert!(!bytes.windows(needle.len()).any(|w| w == needle));
+    }
+
+    #[test]
+    fn two_encryptions_of_the_same_bundle_use_fresh_nonces() {
+        let a = encode(&sample(), Some(&key()));
+        let b = encode(&sample(), Some(&key()));
+        assert_ne!(
+            a[FIELDS_LEN..AEAD_HEADER_LEN],
+            b[FIELDS_LEN..AEAD_HEADER_LEN]
+        );
+        assert_ne!(a[AEAD_HEADER_LEN..], b[AEAD_HEADER_LEN..]);
+    }
+
+    #[test]
+    fn one_tampered_byte_anywhere_is_rejected() {
+        let good = encode(&sample()[..1], Some(&key()));
+        for i in 0..good.len() {
+            let mut bytes = good.clone();
+            bytes[i] ^= 0x01;
+            let got = decode(&bytes, Some(&key()));
+            assert!(got.is_err(), "flipping byte {i} was accepted");
+            if i >= FIELDS_LEN || (8..FIELDS_LEN).contains(&i) {
+                assert_eq!(got, Err(BundleError::BadMac), "byte {i}");
+            }
+        }
+    }
+
+    #[test]
+    fn header_fields_are_bound_to_the_ciphertext() {
+        let good = encode(&sample(), Some(&key()));
+        for (name, at) in [("sender", 8), ("dest", 16), ("session", 24), ("seq", 32)] {
+            let mut bytes = good.clone();
+            bytes[at..at + 8].copy_from_slice(&0x4242u64.to_be_bytes());
+            assert_eq!(
+                decode(&bytes, Some(&key())),
+                Err(BundleError::BadMac),
+                "changed {name}"
+            );
+        }
+    }
+
+    #[test]
+    fn bundle_sealed_under_another_key_is_rejected() {
         let other = NetworkKey::new(b"another-key-of-16+bytes").unwrap();
         let bytes = encode(&sample(), Some(&other));
         assert_eq!(decode(&bytes, Some(&key())), Err(BundleError::BadMac));
     }
 
     #[test]
-    fn tampered_payload_fails_mac() {
-        let mut bytes = encode(&sample(), Some(&key()));
-        bytes[HEADER_LEN + 4 + 40] ^= 1;
-        assert_eq!(decode(&bytes, Some(&key())), Err(BundleError::BadMac));
+    fn keys_differing_in_one_byte_derive_unrelated_aead_keys() {
+        let a = NetworkKey::new(b"0123456789abcdef-network").unwrap();
+        let b = NetworkKey::new(b"0123456789abcdef-networl").unwrap();
+        let bytes = encode(&sample(), Some(&a));
+        assert_eq!(decode(&bytes, Some(&b)), Err(BundleError::BadMac));
     }
 
     #[test]
-    fn unauthenticated_bundle_is_rejected_when_key_is_configured() {
+    fn plain_bundle_is_rejected_when_a_key_is_configured() {
         let bytes = encode(&sample(), None);
         assert_eq!(
             decode(&bytes, Some(&key())),
@@ -406,9 +600,20 @@ mod tests {
     }
 
     #[test]
-    fn authenticated_bundle_without_local_key_is_rejected() {
+    fn encrypted_bundle_without_local_key_is_rejected() {
         let bytes = encode(&sample(), Some(&key()));
         assert_eq!(decode(&bytes, None), Err(BundleError::NoKey));
+        assert_eq!(BundleError::NoKey.reason(), "no_key");
+    }
+
+    #[test]
+    fn empty_bundle_is_a_valid_skip_marker_in_both_versions() {
+        for k in [None, Some(key())] {
+            let bytes = BundleWriter::new().finish(&header(), k.as_ref());
+            let b = decode(&bytes, k.as_ref()).unwrap();
+            assert_eq!(b.header, header());
+            assert!(b.is_skip());
+        }
     }
 
     #[test]
@@ -423,13 +628,16 @@ mod tests {
         b[0] = b'X';
         assert!(matches!(decode(&b, None), Err(BundleError::BadMagic(_))));
         let mut b = good.clone();
-        b[4] = 2;
-        assert_eq!(decode(&b, None), Err(BundleError::BadVersion(2)));
+        b[4] = 3;
+        assert_eq!(decode(&b, None), Err(BundleError::BadVersion(3)));
         let mut b = good.clone();
         b[5] = 0x80;
         assert_eq!(decode(&b, None), Err(BundleError::BadFlags(0x80)));
-        let mut b = good;
+        let mut b = good.clone();
         b[7] = 1;
+        assert!(matches!(decode(&b, None), Err(BundleError::BadFlags(_))));
+        let mut b = good;
+        b[46] = 1;
         assert!(matches!(decode(&b, None), Err(BundleError::BadFlags(_))));
     }
 
@@ -451,23 +659,30 @@ mod tests {
     }
 
     #[test]
-    fn zero_and_huge_counts_are_rejected() {
+    fn counts_the_bundle_cannot_hold_are_rejected() {
         let mut bytes = encode(&sample(), None);
-        bytes[40..44].copy_from_slice(&0u32.to_be_bytes());
-        assert_eq!(decode(&bytes, None), Err(BundleError::BadCount(0)));
+        bytes[40..44].copy_from_slice(&4u32.to_be_bytes());
+        assert!(decode(&bytes, None).is_err());
         bytes[40..44].copy_from_slice(&u32::MAX.to_be_bytes());
         assert_eq!(decode(&bytes, None), Err(BundleError::BadCount(u32::MAX)));
+        bytes[40..44].copy_from_slice(&0u32.to_be_bytes());
+        assert!(matches!(
+            decode(&bytes, None),
+            Err(BundleError::TrailingBytes(_))
+        ));
     }
 
     #[test]
     fn packet_whose_ipv6_length_disagrees_is_rejected() {
         let mut p = ipv6_packet(1, 2, b"abc");
         p[5] = 9;
-        let bytes = encode(&[p], None);
-        assert!(matches!(
-            decode(&bytes, None),
-            Err(BundleError::BadPacket { index: 0, .. })
-        ));
+        for k in [None, Some(key())] {
+            let bytes = encode(std::slice::from_ref(&p), k.as_ref());
+            assert!(matches!(
+                decode(&bytes, k.as_ref()),
+                Err(BundleError::BadPacket { index: 0, .. })
+            ));
+        }
     }
 
     #[test]
@@ -484,10 +699,12 @@ mod tests {
     #[test]
     fn oversized_input_is_rejected_before_parsing() {
         let bytes = vec![0u8; MAX_BUNDLE_BYTES + 1];
-        assert_eq!(
-            decode(&bytes, None),
-            Err(BundleError::Oversized(MAX_BUNDLE_BYTES + 1))
-        );
+        for k in [None, Some(key())] {
+            assert_eq!(
+                decode(&bytes, k.as_ref()),
+                Err(BundleError::Oversized(MAX_BUNDLE_BYTES + 1))
+            );
+        }
     }
 
     #[test]
@@ -509,6 +726,12 @@ mod tests {
         assert_eq!(ipv6_endpoints(&p[..20]), None);
     }
 
+    #[test]
+    fn network_key_debug_does_not_print_the_key() {
+        let shown = format!("{:?}", key());
+        assert_eq!(shown, "NetworkKey(24 bytes)");
+    }
+
     /// A small xorshift generator keeps the fuzz test deterministic without a dependency.
     fn xorshift(state: &mut u64) -> u64 {
         *state ^= *state << 13;
@@ -520,8 +743,9 @@ mod tests {
     #[test]
     fn random_and_mutated_bytes_never_panic() {
         let mut s = 0x9e37_79b9_7f4a_7c15u64;
+        let k = key();
         let seed = encode(&sample(), None);
-        let seed_auth = encode(&sample(), Some(&key()));
+        let seed_sealed = encode(&sample(), Some(&k));
         for round in 0..20_000 {
             let mut bytes = match round % 3 {
                 0 => {
@@ -529,7 +753,7 @@ mod tests {
                     (0..n).map(|_| xorshift(&mut s) as u8).collect::<Vec<u8>>()
                 }
                 1 => seed.clone(),
-                _ => seed_auth.clone(),
+                _ => seed_sealed.clone(),
             };
             if round % 3 != 0 {
                 for _ in 0..(1 + xorshift(&mut s) % 4) {
@@ -541,12 +765,16 @@ mod tests {
                 bytes.truncate(cut.max(bytes.len() / 2));
             } else if bytes.len() >= 8 {
                 bytes[..4].copy_from_slice(MAGIC);
-                bytes[4] = VERSION;
+                bytes[4] = 1 + (xorshift(&mut s) % 2) as u8;
                 bytes[5] = (xorshift(&mut s) % 2) as u8;
             }
-            let k = key();
             let _ = decode(&bytes, None);
-            let _ = decode(&bytes, Some(&k));
+            if let Ok(b) = decode(&bytes, Some(&k)) {
+                // Only an unmodified sealed bundle opens: a mutation that left the bytes
+                // the same (a byte overwritten with its own value, a cut at the end).
+                assert_eq!(bytes, seed_sealed, "round {round}: a forgery opened");
+                assert_eq!(b.packets.len(), 3);
+            }
         }
     }
 }

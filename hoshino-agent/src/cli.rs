@@ -128,8 +128,8 @@ pub struct TunnelArgs {
         value_name = "ADDR:PORT"
     )]
     pub metrics_listen: Option<SocketAddr>,
-    /// File holding the network key (16+ bytes): bundles are then authenticated with
-    /// HMAC-SHA256 and unauthenticated ones rejected [default: none, unauthenticated].
+    /// File holding the network key (16+ bytes): bundles are then encrypted and authenticated
+    /// (format v2, XChaCha20-Poly1305) and plaintext ones rejected [default: none, plaintext].
     #[arg(
         long,
         env = "HOSHINO_NETWORK_KEY_FILE",
