@@ -38,7 +38,9 @@ BUCKET = "hoshino-example"
 BUCKET_ARN = f"arn:aws:s3:::{BUCKET}"
 SELF = "0123456789abcdef"
 PEER = "fedcba9876543210"
-ULID = "01JD0000000000000000000000"
+SESSION = "00000000deadbeef"
+SEQ = "0000000000000007"
+STEM = f"{SESSION}-{SEQ}"  # the key's `<session>-<seq>` part
 
 
 class Failure(Exception):
@@ -271,7 +273,7 @@ def allowed(policy, action, resource, context=None):
 
 def check_design_key_layout():
     text = DESIGN.read_text()
-    for layout in ("`v1/inbox/<dest:16hex>/<ulid:26>.<src:16hex>`", "`v1/bell/<dest:16hex>`"):
+    for layout in ("`v2/inbox/<dest:16hex>/<session:16hex>-<seq:16hex>.<src:16hex>`", "`v2/bell/<dest:16hex>`"):
         check(layout in text, f"docs/DESIGN.md no longer describes the key {layout}: update policy.json.tftpl and this test")
 
 
@@ -284,39 +286,49 @@ def check_policy():
         for a in as_list(st["Action"]):
             check("*" not in a, f"policy: wildcard action {a}")
         for r in as_list(st["Resource"]):
-            check(r == BUCKET_ARN or r.startswith(f"{BUCKET_ARN}/v1/inbox/") or r.startswith(f"{BUCKET_ARN}/v1/bell/"),
+            check(r == BUCKET_ARN or r.startswith(f"{BUCKET_ARN}/v2/inbox/") or r.startswith(f"{BUCKET_ARN}/v2/bell/"),
                   f"policy: resource {r} is outside the bucket's inbox and bell prefixes")
     actions = {a for st in policy["Statement"] for a in as_list(st["Action"])}
     check(actions == {"s3:PutObject", "s3:GetObject", "s3:DeleteObject", "s3:ListBucket"},
           f"policy: actions are {sorted(actions)}, expected exactly Put/Get/DeleteObject and ListBucket")
     resources = {r for st in policy["Statement"] for r in as_list(st["Resource"])}
     check(BUCKET_ARN in resources, "policy: the bucket ARN itself is not covered (ListBucket needs it)")
-    check(any(r.startswith(f"{BUCKET_ARN}/v1/inbox/") for r in resources),
+    check(any(r.startswith(f"{BUCKET_ARN}/v2/inbox/") for r in resources),
           "policy: no object ARN scoped to an inbox prefix")
 
     obj = lambda key: f"{BUCKET_ARN}/{key}"  # noqa: E731
-    own_bundle = f"v1/inbox/{SELF}/{ULID}.{PEER}"
-    peer_bundle = f"v1/inbox/{PEER}/{ULID}.{SELF}"
-    spoofed = f"v1/inbox/{PEER}/{ULID}.{PEER}"
+    own_bundle = f"v2/inbox/{SELF}/{STEM}.{PEER}"
+    peer_bundle = f"v2/inbox/{PEER}/{STEM}.{SELF}"
+    spoofed = f"v2/inbox/{PEER}/{STEM}.{PEER}"
     cases = [
         # (expected, action, resource, context, why)
         (True, "s3:PutObject", obj(peer_bundle), None, "deliver a bundle into a peer's inbox as itself"),
+        (True, "s3:PutObject", obj(f"v2/inbox/{SELF}/{STEM}.{SELF}"), None, "deliver a bundle to itself"),
         (False, "s3:PutObject", obj(spoofed), None, "deliver a bundle claiming to be the peer"),
-        (False, "s3:PutObject", obj(f"v1/inbox/{PEER}/{ULID}"), None, "deliver a bundle without sender"),
-        (True, "s3:PutObject", obj(f"v1/bell/{PEER}"), None, "ring a peer's bell"),
-        (False, "s3:PutObject", obj("v2/anything"), None, "write outside v1/inbox and v1/bell"),
+        (False, "s3:PutObject", obj(f"v2/inbox/{PEER}/{STEM}"), None, "deliver a bundle without sender"),
+        (False, "s3:PutObject", obj(f"v2/inbox/{PEER}/{STEM}.{SELF.upper()}"), None, "deliver with the sender id in upper case"),
+        (False, "s3:PutObject", obj(f"v2/inbox/{PEER}/{STEM}.{SELF}/x"), None, "deliver with a segment after its own id"),
+        (False, "s3:PutObject", obj(f"v2/inbox/{PEER}/{STEM}.{PEER}/x.y"), None, "deliver with a non-hex sender after a crafted segment"),
+        # Allowed by IAM (`*` matches `/` and `.`), but they end in `.<self>`: the strict parser
+        # refuses them or reads <self> as the sender (least_privilege.rs checks both on moto).
+        (True, "s3:PutObject", obj(f"v2/inbox/{PEER}/{STEM}.{PEER}/x.{SELF}"), None, "crafted: extra segment ending .<self>"),
+        (True, "s3:PutObject", obj(f"v2/inbox/{PEER}/{STEM}.{PEER}.{SELF}"), None, "crafted: a peer's id before its own"),
+        (True, "s3:PutObject", obj(f"v2/bell/{PEER}"), None, "ring a peer's bell"),
+        (False, "s3:PutObject", obj(f"v1/inbox/{PEER}/{STEM}.{SELF}"), None, "write the retired v1 layout"),
+        (False, "s3:PutObject", obj("v3/anything"), None, "write outside v2/inbox and v2/bell"),
         (True, "s3:GetObject", obj(own_bundle), None, "read its own inbox"),
         (True, "s3:DeleteObject", obj(own_bundle), None, "delete from its own inbox"),
         (False, "s3:GetObject", obj(peer_bundle), None, "read a peer's inbox"),
         (False, "s3:DeleteObject", obj(peer_bundle), None, "delete from a peer's inbox"),
-        (True, "s3:GetObject", obj(f"v1/bell/{SELF}"), None, "watch its own bell"),
-        (False, "s3:GetObject", obj(f"v1/bell/{PEER}"), None, "watch a peer's bell"),
-        (False, "s3:DeleteObject", obj(f"v1/bell/{PEER}"), None, "delete a peer's bell"),
-        (True, "s3:ListBucket", BUCKET_ARN, {"s3:prefix": f"v1/inbox/{SELF}/"}, "list its own inbox"),
-        (False, "s3:ListBucket", BUCKET_ARN, {"s3:prefix": f"v1/inbox/{PEER}/"}, "list a peer's inbox"),
-        (False, "s3:ListBucket", BUCKET_ARN, {"s3:prefix": "v1/inbox/"}, "list every inbox"),
+        (True, "s3:GetObject", obj(f"v2/bell/{SELF}"), None, "watch its own bell"),
+        (False, "s3:GetObject", obj(f"v2/bell/{PEER}"), None, "watch a peer's bell"),
+        (False, "s3:DeleteObject", obj(f"v2/bell/{PEER}"), None, "delete a peer's bell"),
+        (True, "s3:ListBucket", BUCKET_ARN, {"s3:prefix": f"v2/inbox/{SELF}/"}, "list its own inbox"),
+        (True, "s3:ListBucket", BUCKET_ARN, {"s3:prefix": f"v2/inbox/{SELF}/{SESSION}-"}, "list one stream of its own inbox"),
+        (False, "s3:ListBucket", BUCKET_ARN, {"s3:prefix": f"v2/inbox/{PEER}/"}, "list a peer's inbox"),
+        (False, "s3:ListBucket", BUCKET_ARN, {"s3:prefix": "v2/inbox/"}, "list every inbox"),
         (False, "s3:ListBucket", BUCKET_ARN, {}, "list the whole bucket"),
-        (False, "s3:GetObject", f"arn:aws:s3:::other-bucket/v1/inbox/{SELF}/{ULID}.{PEER}", None, "read another bucket"),
+        (False, "s3:GetObject", f"arn:aws:s3:::other-bucket/v2/inbox/{SELF}/{STEM}.{PEER}", None, "read another bucket"),
         (False, "s3:PutBucketPolicy", BUCKET_ARN, None, "change the bucket policy"),
         (False, "s3:ListAllMyBuckets", "*", None, "list the account's buckets"),
     ]

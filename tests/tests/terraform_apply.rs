@@ -21,7 +21,8 @@ use support::{Moto, enforce_iam, relax_iam};
 const BUCKET: &str = "hoshino-terraform-apply";
 const ALPHA: &str = "0123456789abcdef";
 const BETA: &str = "fedcba9876543210";
-const ULID: &str = "01JD0000000000000000000000";
+/// `<session:16hex>-<seq:16hex>` of a bundle key (DESIGN.md "Mailbox keys").
+const STREAM_SEQ: &str = "00000000deadbeef-0000000000000000";
 
 struct Workdir(PathBuf);
 
@@ -251,7 +252,7 @@ async fn terraform_applies_and_the_issued_node_key_holds_only_its_policy() {
         env_value(&alpha_env, "AWS_ACCESS_KEY_ID"),
         env_value(&alpha_env, "AWS_SECRET_ACCESS_KEY"),
     );
-    let to_beta = format!("v1/inbox/{BETA}/{ULID}.{ALPHA}");
+    let to_beta = format!("v2/inbox/{BETA}/{STREAM_SEQ}.{ALPHA}");
     // First with the TLS-only bucket policy in place: moto speaks plain HTTP only, and the
     // policy's explicit Deny refuses plain HTTP for everyone, whatever their IAM policy. (moto
     // gets there by ignoring the `aws:SecureTransport` condition, so it would deny HTTPS too;
@@ -292,7 +293,7 @@ async fn terraform_applies_and_the_issued_node_key_holds_only_its_policy() {
         alpha
             .put_object()
             .bucket(BUCKET)
-            .key(format!("v1/inbox/{BETA}/{ULID}.{BETA}"))
+            .key(format!("v2/inbox/{BETA}/{STREAM_SEQ}.{BETA}"))
             .body(ByteStream::from_static(b"forged"))
             .send()
             .await,

@@ -9,7 +9,7 @@ variable "name" {
 }
 
 variable "node_id" {
-  description = "The node's Hoshino id: the first 16 hex digits of its /etc/machine-id, lowercase (`hoshino-agent addr` prints it). The policy lets this id read only v1/inbox/<node_id>/ and write only keys ending in .<node_id>."
+  description = "The node's Hoshino id: the first 16 hex digits of its /etc/machine-id, lowercase (`hoshino-agent addr` prints it). The policy lets this id read only v2/inbox/<node_id>/ and write only inbox keys ending in .<node_id>."
   type        = string
 
   validation {
