@@ -11,6 +11,7 @@ use crate::binaries::{self, BinaryError};
 use crate::moto::{self, MotoError};
 use crate::netns::Namespace;
 use crate::process::Spawned;
+use crate::s3_server::ServerConditions;
 use crate::topology::HUB_IPV4;
 
 pub const BUCKET: &str = "hoshino-test";
@@ -58,7 +59,7 @@ pub enum BackendError {
         log: PathBuf,
         tail: String,
     },
-    #[error("fault injection is only available with the s3s-fs server")]
+    #[error("emulated latency and fault injection are only available with the s3s-fs server")]
     FaultsNeedS3sFs,
 }
 
@@ -113,9 +114,23 @@ impl S3Backend {
         dir: &Path,
         options: BackendOptions,
     ) -> Result<Self, BackendError> {
+        let conditions = ServerConditions {
+            slow_down_fraction: options.fault_fraction,
+            ..ServerConditions::default()
+        };
+        Self::start_with(kind, hub, dir, &conditions)
+    }
+
+    /// Starts the server in `hub` with emulated latency and faults (s3s-fs only).
+    pub fn start_with(
+        kind: BackendKind,
+        hub: &Namespace,
+        dir: &Path,
+        conditions: &ServerConditions,
+    ) -> Result<Self, BackendError> {
         match kind {
-            BackendKind::S3sFs => start_s3s_fs(hub, dir, options),
-            BackendKind::Moto if options.fault_fraction > 0.0 => Err(BackendError::FaultsNeedS3sFs),
+            BackendKind::S3sFs => start_s3s_fs(hub, dir, conditions),
+            BackendKind::Moto if !conditions.is_plain() => Err(BackendError::FaultsNeedS3sFs),
             BackendKind::Moto => {
                 let (process, url, log) = moto::start(hub, dir, BUCKET)?;
                 Ok(Self {
@@ -151,7 +166,7 @@ fn io_error(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> B
 fn start_s3s_fs(
     hub: &Namespace,
     dir: &Path,
-    options: BackendOptions,
+    conditions: &ServerConditions,
 ) -> Result<S3Backend, BackendError> {
     let root = dir.join("s3s-root");
     let bucket_dir = root.join(BUCKET);
@@ -168,8 +183,7 @@ fn start_s3s_fs(
         .arg(ACCESS_KEY)
         .arg("--secret-key")
         .arg(SECRET_KEY)
-        .arg("--fault-fraction")
-        .arg(options.fault_fraction.to_string())
+        .args(conditions.to_args())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log_file);

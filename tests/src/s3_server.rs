@@ -1,6 +1,10 @@
 //! The in-process S3 server behind `hoshino-s3-server`: s3s-fs over HTTP/1.1 with static
-//! credentials, and a fault injector that answers a fraction of requests with `503 SlowDown`
-//! so the agent's retries are exercised against a real HTTP server.
+//! credentials, and the conditions of a real S3 that this kernel cannot emulate with netem:
+//! a per-request latency distribution (`LatencyProfile`) and injected faults (503 SlowDown,
+//! 500 InternalError, connection resets, stalled GET bodies), so the agent's pipelining, retries
+//! and timeouts are exercised against a real HTTP server.
+//!
+//! Every draw is deterministic for a seed: request `n` draws from `splitmix64(seed, n)`.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -9,8 +13,10 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
-use hyper::body::Incoming;
+use futures::StreamExt;
+use hyper::body::{Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder as ConnBuilder;
 use s3s::auth::SimpleAuth;
@@ -27,45 +33,162 @@ pub enum S3ServerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("fault fraction must be within 0..=1, got {0}")]
-    FaultFraction(f64),
+    #[error("fault fractions must each be within 0..=1 and sum to at most 1, got {0:?}")]
+    FaultFraction([f64; 3]),
 }
 
-/// Decides which requests fail. Deterministic for a seed: request `n` fails when
-/// `splitmix64(seed + n)` falls below `fraction` of the u64 range.
+/// Emulated S3 latency, added to every request before it is answered (so it counts once per
+/// request round trip, as first-byte latency does).
+///
+/// Figures, as published by AWS:
+/// - S3 Express One Zone: "consistent single-digit millisecond data access", "up to 10x faster
+///   than S3 Standard" (S3 User Guide, "S3 Express One Zone"). Hence `express`: ~5 ms, small
+///   jitter.
+/// - S3 Standard: small-object and first-byte-out latencies of "roughly 100-200 milliseconds"
+///   as the envelope applications should plan for, with the advice to track and retry the
+///   slowest requests of latency-sensitive applications since typical ones are much faster
+///   (whitepaper "Best Practices Design Patterns: Optimizing Amazon S3 Performance", and the S3
+///   User Guide's "Performance guidelines" / "Timeouts and retries"). 10x Express gives the
+///   typical in-region small GET/PUT a few tens of ms. Hence `standard`: 20-30 ms uniform plus,
+///   for 2 % of requests, a tail of 40-160 ms more, so p99 lands in AWS's 100-200 ms envelope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LatencyProfile {
+    /// No added latency.
+    #[default]
+    Loopback,
+    /// S3 Express One Zone: 4.5-5.5 ms per request.
+    Express,
+    /// S3 Standard: 20-30 ms per request, 2 % of requests 40-160 ms more.
+    Standard,
+}
+
+impl LatencyProfile {
+    pub const ALL: [LatencyProfile; 3] = [
+        LatencyProfile::Loopback,
+        LatencyProfile::Express,
+        LatencyProfile::Standard,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            LatencyProfile::Loopback => "loopback",
+            LatencyProfile::Express => "express",
+            LatencyProfile::Standard => "standard",
+        }
+    }
+
+    pub fn model(self) -> LatencyModel {
+        let ms = Duration::from_millis;
+        match self {
+            LatencyProfile::Loopback => LatencyModel::default(),
+            LatencyProfile::Express => LatencyModel {
+                base: Duration::from_micros(4_500),
+                jitter: ms(1),
+                tail_fraction: 0.0,
+                tail_base: Duration::ZERO,
+                tail_jitter: Duration::ZERO,
+            },
+            LatencyProfile::Standard => LatencyModel {
+                base: ms(20),
+                jitter: ms(10),
+                tail_fraction: 0.02,
+                tail_base: ms(40),
+                tail_jitter: ms(120),
+            },
+        }
+    }
+}
+
+/// `base + U(0, jitter)`, plus with probability `tail_fraction` `tail_base + U(0, tail_jitter)`.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LatencyModel {
+    pub base: Duration,
+    pub jitter: Duration,
+    pub tail_fraction: f64,
+    pub tail_base: Duration,
+    pub tail_jitter: Duration,
+}
+
+impl LatencyModel {
+    /// The least delay any request gets.
+    pub fn minimum(&self) -> Duration {
+        self.base
+    }
+
+    /// The delay of request `n` for `seed`.
+    pub fn sample(&self, seed: u64, n: u64) -> Duration {
+        let draw = |salt: u64| unit(splitmix64(seed ^ salt, n));
+        let mut d = self.base + self.jitter.mul_f64(draw(0x1a7e));
+        if self.tail_fraction > 0.0 && draw(0x7a11) < self.tail_fraction {
+            d += self.tail_base + self.tail_jitter.mul_f64(draw(0x7a12));
+        }
+        d
+    }
+}
+
+/// What an injected fault does to a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// `503 SlowDown`, S3's throttling answer.
+    SlowDown,
+    /// `500 InternalError`.
+    InternalError,
+    /// The connection is dropped without an answer (a TCP RST: the server lingers 0).
+    Reset,
+}
+
+/// Which requests fail, and how: fractions of all requests.
 #[derive(Debug)]
 pub struct FaultInjector {
-    threshold: u64,
+    slow_down: f64,
+    internal_error: f64,
+    reset: f64,
     seed: u64,
     next: AtomicU64,
     injected: AtomicU64,
 }
 
 impl FaultInjector {
-    pub fn new(fraction: f64, seed: u64) -> Result<Self, S3ServerError> {
-        if !(0.0..=1.0).contains(&fraction) {
-            return Err(S3ServerError::FaultFraction(fraction));
+    pub fn new(
+        slow_down: f64,
+        internal_error: f64,
+        reset: f64,
+        seed: u64,
+    ) -> Result<Self, S3ServerError> {
+        let all = [slow_down, internal_error, reset];
+        if all.iter().any(|f| !(0.0..=1.0).contains(f)) || all.iter().sum::<f64>() > 1.0 {
+            return Err(S3ServerError::FaultFraction(all));
         }
-        // Saturating float-to-int conversion: 1.0 maps to u64::MAX.
-        let threshold = (fraction * u64::MAX as f64) as u64;
         Ok(Self {
-            threshold,
+            slow_down,
+            internal_error,
+            reset,
             seed,
             next: AtomicU64::new(0),
             injected: AtomicU64::new(0),
         })
     }
 
-    pub fn should_fail(&self) -> bool {
-        if self.threshold == 0 {
-            return false;
+    /// The fault for the next request, if any.
+    pub fn draw(&self) -> Option<Fault> {
+        if self.slow_down + self.internal_error + self.reset == 0.0 {
+            return None;
         }
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let fail = splitmix64(self.seed.wrapping_add(n)) < self.threshold;
-        if fail {
+        let u = unit(splitmix64(self.seed, n));
+        let fault = if u < self.slow_down {
+            Some(Fault::SlowDown)
+        } else if u < self.slow_down + self.internal_error {
+            Some(Fault::InternalError)
+        } else if u < self.slow_down + self.internal_error + self.reset {
+            Some(Fault::Reset)
+        } else {
+            None
+        };
+        if fault.is_some() {
             self.injected.fetch_add(1, Ordering::Relaxed);
         }
-        fail
+        fault
     }
 
     pub fn injected(&self) -> u64 {
@@ -73,11 +196,78 @@ impl FaultInjector {
     }
 }
 
-fn splitmix64(mut z: u64) -> u64 {
+/// Stalls the body of GETs whose key starts with `prefix` ("" = every GET): the status and
+/// headers go out at once, the first body byte only after `duration`, as a slow or hung S3 GET
+/// does. At most `count` GETs stall (then the prefix is served normally), so a retry can succeed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StallRule {
+    pub prefix: String,
+    pub duration: Duration,
+    pub count: Option<u64>,
+}
+
+/// The conditions the server emulates; `Default` is a plain loopback server.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ServerConditions {
+    pub latency: LatencyProfile,
+    /// Fraction of requests answered `503 SlowDown`.
+    pub slow_down_fraction: f64,
+    /// Fraction of requests answered `500 InternalError`.
+    pub internal_error_fraction: f64,
+    /// Fraction of requests whose connection is reset instead of answered.
+    pub reset_fraction: f64,
+    pub stall: Option<StallRule>,
+    pub seed: u64,
+}
+
+impl ServerConditions {
+    /// The `hoshino-s3-server` flags that select these conditions.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut args = vec![
+            "--latency".to_owned(),
+            self.latency.label().to_owned(),
+            "--fault-fraction".to_owned(),
+            self.slow_down_fraction.to_string(),
+            "--error-fraction".to_owned(),
+            self.internal_error_fraction.to_string(),
+            "--reset-fraction".to_owned(),
+            self.reset_fraction.to_string(),
+            "--fault-seed".to_owned(),
+            self.seed.to_string(),
+        ];
+        if let Some(stall) = &self.stall {
+            args.push(format!("--stall-get-prefix={}", stall.prefix));
+            args.push("--stall-ms".to_owned());
+            args.push(stall.duration.as_millis().to_string());
+            if let Some(count) = stall.count {
+                args.push("--stall-count".to_owned());
+                args.push(count.to_string());
+            }
+        }
+        args
+    }
+
+    /// Anything beyond what any S3 server does (moto cannot emulate these).
+    pub fn is_plain(&self) -> bool {
+        *self
+            == ServerConditions {
+                seed: self.seed,
+                ..ServerConditions::default()
+            }
+    }
+}
+
+fn splitmix64(seed: u64, n: u64) -> u64 {
+    let mut z = seed.wrapping_add(n.wrapping_mul(0x9e37_79b9_7f4a_7c15));
     z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
     z ^ (z >> 31)
+}
+
+/// A u64 as a uniform draw in [0, 1).
+fn unit(x: u64) -> f64 {
+    (x >> 11) as f64 / (1u64 << 53) as f64
 }
 
 #[derive(Debug, Clone)]
@@ -86,40 +276,128 @@ pub struct ServerConfig {
     pub root: PathBuf,
     pub access_key: String,
     pub secret_key: String,
-    pub fault_fraction: f64,
-    pub fault_seed: u64,
+    pub conditions: ServerConditions,
+}
+
+/// Counters of what the server did to requests, printed when it stops.
+#[derive(Debug, Default)]
+pub struct ConditionStats {
+    pub requests: AtomicU64,
+    pub stalled: AtomicU64,
+    pub delayed_micros: AtomicU64,
+}
+
+#[derive(Debug)]
+struct Conditions {
+    latency: LatencyModel,
+    seed: u64,
+    faults: FaultInjector,
+    stall: Option<StallRule>,
+    stalls_left: AtomicU64,
+    stats: ConditionStats,
+}
+
+impl Conditions {
+    /// The stall for this request, if it is a GET the stall rule covers and stalls remain.
+    fn stall_for(&self, req: &hyper::Request<Incoming>) -> Option<Duration> {
+        let rule = self.stall.as_ref()?;
+        if req.method() != hyper::Method::GET {
+            return None;
+        }
+        // Path-style: /<bucket>/<key>. Keys are matched as sent (percent-encoded).
+        let key = req.uri().path().strip_prefix('/')?.split_once('/')?.1;
+        if key.is_empty() || !key.starts_with(&rule.prefix) {
+            return None;
+        }
+        self.stalls_left
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .ok()?;
+        self.stats.stalled.fetch_add(1, Ordering::Relaxed);
+        Some(rule.duration)
+    }
 }
 
 #[derive(Clone)]
-struct FaultyService {
+struct ConditionedService {
     inner: S3Service,
-    faults: Arc<FaultInjector>,
+    conditions: Arc<Conditions>,
 }
 
 type ResponseFuture = Pin<Box<dyn Future<Output = Result<HttpResponse, HttpError>> + Send>>;
 
-impl hyper::service::Service<hyper::Request<Incoming>> for FaultyService {
+impl hyper::service::Service<hyper::Request<Incoming>> for ConditionedService {
     type Response = HttpResponse;
     type Error = HttpError;
     type Future = ResponseFuture;
 
     fn call(&self, req: hyper::Request<Incoming>) -> Self::Future {
-        if self.faults.should_fail() {
+        let c = &self.conditions;
+        let n = c.stats.requests.fetch_add(1, Ordering::Relaxed);
+        let delay = c.latency.sample(c.seed, n);
+        let fault = c.faults.draw();
+        let stall = if fault.is_none() {
+            c.stall_for(&req)
+        } else {
+            None
+        };
+        let delay_micros = u64::try_from(delay.as_micros()).unwrap_or(u64::MAX);
+        c.stats
+            .delayed_micros
+            .fetch_add(delay_micros, Ordering::Relaxed);
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
             let resource = req.uri().path().to_owned();
-            return Box::pin(async move { Ok(slow_down(&resource)) });
-        }
-        hyper::service::Service::call(&self.inner, req)
+            match fault {
+                Some(Fault::SlowDown) => {
+                    return Ok(s3_error(
+                        hyper::StatusCode::SERVICE_UNAVAILABLE,
+                        "SlowDown",
+                        "Please reduce your request rate.",
+                        &resource,
+                    ));
+                }
+                Some(Fault::InternalError) => {
+                    return Ok(s3_error(
+                        hyper::StatusCode::INTERNAL_SERVER_ERROR,
+                        "InternalError",
+                        "We encountered an internal error. Please try again.",
+                        &resource,
+                    ));
+                }
+                // hyper closes the connection when the service fails; with linger 0 that close
+                // is a RST.
+                Some(Fault::Reset) => {
+                    return Err(HttpError::new("connection reset injected".into()));
+                }
+                None => {}
+            }
+            let resp = hyper::service::Service::call(&inner, req).await?;
+            Ok(match stall {
+                Some(d) => resp.map(|body| stalled(body, d)),
+                None => resp,
+            })
+        })
     }
 }
 
-fn slow_down(resource: &str) -> HttpResponse {
+/// `body` with its first byte held back for `stall`.
+fn stalled(body: Body, stall: Duration) -> Body {
+    let wait = futures::stream::once(tokio::time::sleep(stall)).filter_map(|()| async { None });
+    let frames = wait.chain(body.map(|chunk| chunk.map(Frame::data)));
+    Body::http_body(http_body_util::StreamBody::new(frames))
+}
+
+fn s3_error(status: hyper::StatusCode, code: &str, message: &str, resource: &str) -> HttpResponse {
     let body = format!(
-        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>SlowDown</Code>\
-         <Message>Please reduce your request rate. (injected by hoshino-s3-server)</Message>\
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>{code}</Code>\
+         <Message>{message} (injected by hoshino-s3-server)</Message>\
          <Resource>{resource}</Resource><RequestId>hoshino-fault</RequestId></Error>"
     );
     let mut resp = HttpResponse::new(Body::from(body));
-    *resp.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
+    *resp.status_mut() = status;
     resp.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
         hyper::header::HeaderValue::from_static("application/xml"),
@@ -130,7 +408,8 @@ fn slow_down(resource: &str) -> HttpResponse {
 /// A bound server; `local_addr` is known before serving so the caller can announce it.
 pub struct BoundServer {
     listener: TcpListener,
-    service: FaultyService,
+    service: ConditionedService,
+    reset_on_close: bool,
 }
 
 impl BoundServer {
@@ -144,10 +423,13 @@ impl BoundServer {
             config.access_key.clone(),
             config.secret_key.clone(),
         ));
-        let faults = Arc::new(FaultInjector::new(
-            config.fault_fraction,
-            config.fault_seed,
-        )?);
+        let c = &config.conditions;
+        let faults = FaultInjector::new(
+            c.slow_down_fraction,
+            c.internal_error_fraction,
+            c.reset_fraction,
+            c.seed,
+        )?;
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -155,12 +437,21 @@ impl BoundServer {
                     addr: config.listen,
                     source,
                 })?;
+        let stalls_left = c.stall.as_ref().and_then(|s| s.count).unwrap_or(u64::MAX);
         Ok(Self {
             listener,
-            service: FaultyService {
+            service: ConditionedService {
                 inner: builder.build(),
-                faults,
+                conditions: Arc::new(Conditions {
+                    latency: c.latency.model(),
+                    seed: c.seed,
+                    faults,
+                    stall: c.stall.clone(),
+                    stalls_left: AtomicU64::new(stalls_left),
+                    stats: ConditionStats::default(),
+                }),
             },
+            reset_on_close: c.reset_fraction > 0.0,
         })
     }
 
@@ -181,6 +472,10 @@ impl BoundServer {
                 }
             };
             let _ = socket.set_nodelay(true);
+            if self.reset_on_close {
+                // So that dropping a connection for an injected reset sends RST, not FIN.
+                let _ = socket2::SockRef::from(&socket).set_linger(Some(Duration::ZERO));
+            }
             let conn = http
                 .serve_connection(TokioIo::new(socket), self.service.clone())
                 .into_owned();
@@ -190,8 +485,45 @@ impl BoundServer {
         }
     }
 
-    pub fn injected_faults(&self) -> Arc<FaultInjector> {
-        Arc::clone(&self.service.faults)
+    /// What the conditions did so far; stays valid after `serve` takes the server.
+    pub fn counters(&self) -> ServerCounters {
+        ServerCounters(Arc::clone(&self.service.conditions))
+    }
+}
+
+/// Live counters of a server's emulated conditions.
+#[derive(Debug, Clone)]
+pub struct ServerCounters(Arc<Conditions>);
+
+impl ServerCounters {
+    pub fn requests(&self) -> u64 {
+        self.0.stats.requests.load(Ordering::Relaxed)
+    }
+
+    pub fn faults_injected(&self) -> u64 {
+        self.0.faults.injected()
+    }
+
+    pub fn gets_stalled(&self) -> u64 {
+        self.0.stats.stalled.load(Ordering::Relaxed)
+    }
+
+    pub fn mean_added_latency(&self) -> Duration {
+        let micros = self.0.stats.delayed_micros.load(Ordering::Relaxed);
+        Duration::from_micros(micros / self.requests().max(1))
+    }
+}
+
+impl std::fmt::Display for ServerCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} requests, {} faults injected, {} GETs stalled, {:?} mean added latency",
+            self.requests(),
+            self.faults_injected(),
+            self.gets_stalled(),
+            self.mean_added_latency()
+        )
     }
 }
 
@@ -201,22 +533,98 @@ mod tests {
 
     #[test]
     fn fault_fraction_zero_never_fails() {
-        let f = FaultInjector::new(0.0, 1).ok();
-        assert!(f.is_some_and(|f| (0..10_000).all(|_| !f.should_fail())));
+        let f = FaultInjector::new(0.0, 0.0, 0.0, 1).ok();
+        assert!(f.is_some_and(|f| (0..10_000).all(|_| f.draw().is_none())));
     }
 
     #[test]
-    fn fault_fraction_is_roughly_honoured() {
-        let Ok(f) = FaultInjector::new(0.2, 7) else {
-            panic!("0.2 is a valid fraction");
+    fn fault_fractions_are_roughly_honoured_per_kind() {
+        let Ok(f) = FaultInjector::new(0.2, 0.1, 0.05, 7) else {
+            panic!("valid fractions");
         };
-        let failed = (0..10_000).filter(|_| f.should_fail()).count();
-        assert!((1_500..2_500).contains(&failed), "{failed} of 10000 failed");
-        assert_eq!(f.injected(), failed as u64);
+        let draws: Vec<Option<Fault>> = (0..20_000).map(|_| f.draw()).collect();
+        let count = |k| draws.iter().filter(|d| **d == Some(k)).count();
+        assert!((3_600..4_400).contains(&count(Fault::SlowDown)));
+        assert!((1_700..2_300).contains(&count(Fault::InternalError)));
+        assert!((800..1_200).contains(&count(Fault::Reset)));
+        let all = draws.iter().filter(|d| d.is_some()).count();
+        assert_eq!(f.injected(), all as u64);
     }
 
     #[test]
-    fn fault_fraction_out_of_range_is_rejected() {
-        assert!(FaultInjector::new(1.5, 0).is_err());
+    fn fault_fractions_out_of_range_or_above_one_in_sum_are_rejected() {
+        assert!(FaultInjector::new(1.5, 0.0, 0.0, 0).is_err());
+        assert!(FaultInjector::new(0.6, 0.5, 0.0, 0).is_err());
+        assert!(FaultInjector::new(-0.1, 0.0, 0.0, 0).is_err());
+    }
+
+    #[test]
+    fn loopback_adds_no_latency() {
+        let m = LatencyProfile::Loopback.model();
+        assert!((0..1000).all(|n| m.sample(1, n).is_zero()));
+    }
+
+    fn percentile(mut v: Vec<Duration>, q: f64) -> Duration {
+        v.sort();
+        v[((v.len() - 1) as f64 * q) as usize]
+    }
+
+    #[test]
+    fn express_stays_near_five_milliseconds() {
+        let m = LatencyProfile::Express.model();
+        let v: Vec<Duration> = (0..10_000).map(|n| m.sample(3, n)).collect();
+        assert!(v.iter().all(|d| (4_500..=5_500).contains(&d.as_micros())));
+        let p50 = percentile(v, 0.5).as_micros();
+        assert!((4_800..5_200).contains(&p50), "p50 {p50} us");
+    }
+
+    #[test]
+    fn standard_is_twenty_to_thirty_milliseconds_with_a_tail() {
+        let m = LatencyProfile::Standard.model();
+        let v: Vec<Duration> = (0..20_000).map(|n| m.sample(5, n)).collect();
+        assert!(v.iter().all(|d| *d >= Duration::from_millis(20)));
+        let p50 = percentile(v.clone(), 0.5).as_millis();
+        assert!((23..28).contains(&p50), "p50 {p50} ms");
+        let p99 = percentile(v.clone(), 0.995).as_millis();
+        assert!(p99 >= 60, "p99.5 {p99} ms: no tail");
+        let tail = v.iter().filter(|d| d.as_millis() >= 60).count();
+        assert!((200..600).contains(&tail), "{tail} of 20000 in the tail");
+    }
+
+    #[test]
+    fn conditions_round_trip_through_the_server_flags() {
+        let c = ServerConditions {
+            latency: LatencyProfile::Standard,
+            slow_down_fraction: 0.25,
+            internal_error_fraction: 0.125,
+            reset_fraction: 0.0625,
+            stall: Some(StallRule {
+                prefix: "v2/inbox/".to_owned(),
+                duration: Duration::from_millis(1500),
+                count: Some(2),
+            }),
+            seed: 9,
+        };
+        let args = c.to_args();
+        let expected = [
+            "--latency",
+            "standard",
+            "--fault-fraction",
+            "0.25",
+            "--error-fraction",
+            "0.125",
+            "--reset-fraction",
+            "0.0625",
+            "--fault-seed",
+            "9",
+            "--stall-get-prefix=v2/inbox/",
+            "--stall-ms",
+            "1500",
+            "--stall-count",
+            "2",
+        ];
+        assert_eq!(args, expected);
+        assert!(!c.is_plain());
+        assert!(ServerConditions::default().is_plain());
     }
 }

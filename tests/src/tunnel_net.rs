@@ -9,6 +9,7 @@ use crate::agent::{Agent, AgentError};
 use crate::binaries::{self, BinaryError};
 use crate::command::{self, CommandError};
 use crate::s3_backend::{BackendError, BackendKind, BackendOptions, S3Backend, S3Endpoint};
+use crate::s3_server::ServerConditions;
 use crate::topology::{Node, Testbed, TopologyError};
 
 /// Generous: the first agent start on a cold machine also waits for the S3 server.
@@ -38,6 +39,9 @@ pub struct NetOptions {
     pub backend: BackendOptions,
     /// Flags appended to every agent's command line.
     pub agent_args: Vec<String>,
+    /// Latency and faults of the s3s-fs server; `backend.fault_fraction`, when set, overrides
+    /// its SlowDown fraction.
+    pub server: ServerConditions,
 }
 
 /// Field order is drop order: agents before the server, the server before the namespaces.
@@ -56,7 +60,11 @@ impl TunnelNet {
         options: &NetOptions,
     ) -> Result<Self, TunnelNetError> {
         let bed = Testbed::new(nodes)?;
-        let backend = S3Backend::start(kind, &bed.hub, bed.scratch.path(), options.backend)
+        let mut conditions = options.server.clone();
+        if options.backend.fault_fraction > 0.0 {
+            conditions.slow_down_fraction = options.backend.fault_fraction;
+        }
+        let backend = S3Backend::start_with(kind, &bed.hub, bed.scratch.path(), &conditions)
             .map_err(|source| TunnelNetError::Backend {
                 kind: kind.label(),
                 source,

@@ -210,7 +210,12 @@ async fn list_all(client: &Client, prefix: &str) -> Vec<String> {
             .send()
             .await
             .unwrap_or_else(|e| panic!("listing {prefix}: {e:?}"));
-        keys.extend(page.contents().iter().filter_map(|o| o.key()).map(str::to_owned));
+        keys.extend(
+            page.contents()
+                .iter()
+                .filter_map(|o| o.key())
+                .map(str::to_owned),
+        );
         match page.next_continuation_token() {
             Some(t) => token = Some(t.to_owned()),
             None => return keys,
@@ -389,7 +394,10 @@ async fn a_node_cannot_read_or_delete_a_peer_inbox_or_watch_its_bell() {
         "A DELETEs a bundle in B's inbox",
     );
     let (deleted, errors) = delete_objects(&net.a, std::slice::from_ref(&key)).await;
-    assert!(deleted.is_empty(), "A batch-deleted {deleted:?} from B's inbox");
+    assert!(
+        deleted.is_empty(),
+        "A batch-deleted {deleted:?} from B's inbox"
+    );
     assert_eq!(errors, vec![(key.clone(), "AccessDenied".to_owned())]);
     assert_access_denied(
         net.a.head_object().bucket(BUCKET).key(bell(B)).send().await,
@@ -400,7 +408,12 @@ async fn a_node_cannot_read_or_delete_a_peer_inbox_or_watch_its_bell() {
         "A GETs B's bell",
     );
     assert_access_denied(
-        net.a.delete_object().bucket(BUCKET).key(bell(B)).send().await,
+        net.a
+            .delete_object()
+            .bucket(BUCKET)
+            .key(bell(B))
+            .send()
+            .await,
         "A DELETEs B's bell",
     );
     // The bundle is still there for B.
@@ -415,8 +428,14 @@ async fn a_node_cannot_write_a_key_naming_another_sender_or_outside_the_mailbox(
     let net = network().await;
     // The sender id at the end of the key is IAM's anti-spoofing hook: A may only write *.A.
     for (key, what) in [
-        (bundle_key(B, B), "A PUTs into B's inbox a key claiming B as sender"),
-        (bundle_key(A, B), "A PUTs into its own inbox a key claiming B as sender"),
+        (
+            bundle_key(B, B),
+            "A PUTs into B's inbox a key claiming B as sender",
+        ),
+        (
+            bundle_key(A, B),
+            "A PUTs into its own inbox a key claiming B as sender",
+        ),
         (
             format!("v2/inbox/{B}/{SESSION}-{SEQ}"),
             "A PUTs a key without sender id",
@@ -425,7 +444,10 @@ async fn a_node_cannot_write_a_key_naming_another_sender_or_outside_the_mailbox(
             format!("v1/inbox/{B}/{SESSION}-{SEQ}.{A}"),
             "A PUTs the retired v1 layout",
         ),
-        ("v3/elsewhere".to_owned(), "A PUTs outside v2/inbox and v2/bell"),
+        (
+            "v3/elsewhere".to_owned(),
+            "A PUTs outside v2/inbox and v2/bell",
+        ),
     ] {
         assert_access_denied(
             net.a
@@ -512,7 +534,10 @@ async fn crafted_keys_are_refused_by_iam_or_never_read_as_another_sender() {
     let admin = client(&net.moto, "admin", "admin");
     let stored = list_all(&admin, "").await;
     support::enforce_iam(&net.moto.endpoint);
-    assert!(!stored.is_empty(), "nothing crafted was stored: the test proves nothing");
+    assert!(
+        !stored.is_empty(),
+        "nothing crafted was stored: the test proves nothing"
+    );
     for key in &stored {
         for us in [A, B] {
             let sender = parsed_sender(key, us);
