@@ -43,7 +43,25 @@ enum Op {
         #[arg(long, default_value_t = 128)]
         size: usize,
     },
-    /// Throughput of PUT followed by GET of each object, `concurrency` objects at a time.
+    /// PUT `objects` bundles of about `object_bytes` into `dest`'s inbox as `sender` (bench
+    /// backlog): valid plaintext bundles of UDP datagrams to port 9, keys in the v2 layout.
+    Backlog {
+        #[arg(long)]
+        dest_node: String,
+        #[arg(long)]
+        sender_node: String,
+        #[arg(long)]
+        src_addr: std::net::Ipv6Addr,
+        #[arg(long)]
+        dst_addr: std::net::Ipv6Addr,
+        #[arg(long, default_value_t = 1000)]
+        objects: u64,
+        #[arg(long, default_value_t = 16 * 1024 * 1024 - 65_536)]
+        object_bytes: usize,
+        #[arg(long, default_value_t = 8)]
+        concurrency: usize,
+    },
+    /// Throughput of a PUT -> GET -> DELETE pipeline keeping `concurrency` objects in flight.
     Throughput {
         #[arg(long, default_value_t = 1024 * 1024)]
         object_bytes: usize,
@@ -98,6 +116,24 @@ async fn main() -> ExitCode {
             objects,
             concurrency,
         } => throughput(&client, &args.bucket, object_bytes, objects, concurrency).await,
+        Op::Backlog {
+            dest_node,
+            sender_node,
+            src_addr,
+            dst_addr,
+            objects,
+            object_bytes,
+            concurrency,
+        } => {
+            let spec = BacklogSpec {
+                dest: dest_node,
+                sender: sender_node,
+                src: src_addr,
+                dst: dst_addr,
+                object_bytes,
+            };
+            backlog(&client, &args.bucket, &spec, objects, concurrency).await
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -230,46 +266,94 @@ async fn throughput(
     objects: usize,
     concurrency: usize,
 ) -> Result<(), ProbeError> {
-    let body = vec![0x17_u8; object_bytes];
+    use futures::StreamExt;
+    let body = bytes::Bytes::from(vec![0x17_u8; object_bytes]);
     let start = Instant::now();
-    let mut next = 0usize;
-    let mut moved = 0usize;
-    while next < objects {
-        let batch: Vec<usize> = (next..objects.min(next + concurrency.max(1))).collect();
-        next += batch.len();
-        let tasks = batch.into_iter().map(|i| {
-            let client = client.clone();
+    // A pipeline, not batches: a new object starts as soon as one of `concurrency` finishes.
+    let mut results = futures::stream::iter(0..objects)
+        .map(|i| {
             let body = body.clone();
-            let bucket = bucket.to_owned();
-            tokio::spawn(async move {
+            async move {
                 let key = format!("bench/throughput/{i}");
-                put(&client, &bucket, &key, body).await?;
-                let n = get(&client, &bucket, &key).await?;
-                delete(&client, &bucket, &key).await?;
+                client
+                    .put_object()
+                    .bucket(bucket)
+                    .key(&key)
+                    .body(ByteStream::from(body))
+                    .send()
+                    .await
+                    .map_err(|e| s3_error("PUT", &key, e))?;
+                let n = get(client, bucket, &key).await?;
+                delete(client, bucket, &key).await?;
                 Ok::<usize, ProbeError>(n)
-            })
-        });
-        for task in futures_join(tasks.collect()).await {
-            moved += task?;
-        }
+            }
+        })
+        .buffer_unordered(concurrency.max(1));
+    let mut moved = 0usize;
+    while let Some(r) = results.next().await {
+        moved += r?;
     }
     let seconds = start.elapsed().as_secs_f64();
     println!("bytes {moved} seconds {seconds:.6}");
     Ok(())
 }
 
-async fn futures_join(
-    tasks: Vec<tokio::task::JoinHandle<Result<usize, ProbeError>>>,
-) -> Vec<Result<usize, ProbeError>> {
-    let mut out = Vec::with_capacity(tasks.len());
-    for t in tasks {
-        out.push(t.await.unwrap_or_else(|e| {
-            Err(ProbeError::S3 {
-                op: "task",
-                key: String::new(),
-                message: e.to_string(),
-            })
-        }));
+struct BacklogSpec {
+    dest: String,
+    sender: String,
+    src: std::net::Ipv6Addr,
+    dst: std::net::Ipv6Addr,
+    object_bytes: usize,
+}
+
+/// Bundles as the tunnel writes them, so the receiver GETs and parses every one.
+async fn backlog(
+    client: &Client,
+    bucket: &str,
+    spec: &BacklogSpec,
+    objects: u64,
+    concurrency: usize,
+) -> Result<(), ProbeError> {
+    use futures::StreamExt;
+    use hoshino_tests::bundle_forge::{self, BundleHeader};
+    let parse_id = |s: &str| {
+        u64::from_str_radix(s, 16).map_err(|e| ProbeError::S3 {
+            op: "node id",
+            key: s.to_owned(),
+            message: e.to_string(),
+        })
+    };
+    let (dest, sender) = (parse_id(&spec.dest)?, parse_id(&spec.sender)?);
+    let payload = vec![0x5a_u8; 65_000];
+    let packet = bundle_forge::udp6_packet(spec.src, spec.dst, 9, 9, &payload);
+    let per_bundle = (spec.object_bytes / (packet.len() + 4)).max(1);
+    let packets = vec![packet; per_bundle];
+    let session = 0xbac1_0900_0000_0000_u64 | u64::from(std::process::id());
+    let start = Instant::now();
+    let mut puts = futures::stream::iter(0..objects)
+        .map(|seq| {
+            let header = BundleHeader {
+                sender,
+                dest,
+                session,
+                seq,
+            };
+            let body = bundle_forge::encode_bundle(&header, &packets);
+            let key = format!(
+                "v2/inbox/{}/{session:016x}-{seq:016x}.{}",
+                spec.dest, spec.sender
+            );
+            async move { put(client, bucket, &key, body).await }
+        })
+        .buffer_unordered(concurrency.max(1));
+    let mut written = 0u64;
+    while let Some(r) = puts.next().await {
+        r?;
+        written += 1;
     }
-    out
+    println!(
+        "objects {written} seconds {:.3}",
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
