@@ -359,16 +359,14 @@ fn profile_figures(
         }
     }
 
-    if backlog {
-        if let Some(peak) = step("backlog", backlog_rss(&mut net, args)) {
-            println!(
-                "  agent 2 peak RSS while draining {} x {} MiB: {:.1} MiB  (target <= 64 MiB)",
-                args.backlog_objects,
-                args.backlog_object_mib,
-                peak / MIB
-            );
-            f.rss_backlog_mib = Some(peak / MIB);
-        }
+    if backlog && let Some(peak) = step("backlog", backlog_rss(&mut net, args)) {
+        println!(
+            "  agent 2 peak RSS while draining {} x {} MiB: {:.1} MiB  (target <= 64 MiB)",
+            args.backlog_objects,
+            args.backlog_object_mib,
+            peak / MIB
+        );
+        f.rss_backlog_mib = Some(peak / MIB);
     }
     Ok(f)
 }
