@@ -1,5 +1,6 @@
 //! The testbed itself: namespaces come and go, nodes reach the hub, both S3 servers serve a node,
-//! and the fault injector really answers SlowDown. Needs root (network namespaces).
+//! the fault injector really answers SlowDown, and the server flags apply a latency profile.
+//! Needs root (network namespaces).
 
 use std::process::Command;
 use std::time::Duration;
@@ -7,6 +8,7 @@ use std::time::Duration;
 use hoshino_tests::command;
 use hoshino_tests::ping::ping;
 use hoshino_tests::s3_backend::{BackendKind, BackendOptions};
+use hoshino_tests::s3_server::{LatencyProfile, ServerConditions};
 use hoshino_tests::topology::{HUB_IPV4, Testbed};
 use hoshino_tests::tunnel_net::{NetOptions, TunnelNet};
 
@@ -105,4 +107,47 @@ fn fault_injector_answers_slowdown() {
         .put_object(1, "v1/inbox/probe/a", b"hello")
         .expect_err("every request fails");
     assert!(err.to_string().contains("SlowDown"), "{err}");
+}
+
+#[test]
+fn server_flags_apply_the_latency_profile_to_requests_from_a_node() {
+    let options = NetOptions {
+        server: ServerConditions {
+            latency: LatencyProfile::Standard,
+            ..ServerConditions::default()
+        },
+        ..NetOptions::default()
+    };
+    let net = TunnelNet::without_agents(BackendKind::S3sFs, 1, &options).expect("testbed");
+    let out = net
+        .s3_probe(1, &["floor", "--samples", "3", "--size", "16"])
+        .expect("floor probe");
+    let minimum = LatencyProfile::Standard.model().minimum().as_secs_f64() * 1000.0;
+    for field in ["put_p50_ms", "get_p50_ms"] {
+        let ms: f64 = out
+            .lines()
+            .find_map(|l| l.strip_prefix(field)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {field} in {out}"));
+        assert!(
+            ms >= minimum,
+            "{field} {ms} ms < the profile's {minimum} ms"
+        );
+    }
+}
+
+#[test]
+fn moto_refuses_emulated_conditions_it_cannot_provide() {
+    let options = NetOptions {
+        server: ServerConditions {
+            latency: LatencyProfile::Express,
+            ..ServerConditions::default()
+        },
+        ..NetOptions::default()
+    };
+    let err = TunnelNet::without_agents(BackendKind::Moto, 1, &options)
+        .expect_err("moto cannot add latency");
+    assert!(
+        err.to_string().contains("only available with the s3s-fs"),
+        "{err}"
+    );
 }
