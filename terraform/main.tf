@@ -7,6 +7,12 @@ locals {
 }
 
 resource "aws_s3_bucket" "mailbox" {
+  # checkov's own suppressions, so `checkov -d terraform` is clean as people run it; each says why.
+  #checkov:skip=CKV_AWS_18:Access logging writes one log record per request into another bucket; at tunnel request rates (thousands per second per busy node) the logs would cost more than the traffic and would be a copy of who talked to whom. Enable CloudTrail data events for an audit instead, if one is needed.
+  #checkov:skip=CKV_AWS_21:Versioning is off on purpose: objects are packets deleted on delivery, and versioning would keep every one as a noncurrent version (see the comment on aws_s3_bucket_versioning.mailbox in main.tf).
+  #checkov:skip=CKV_AWS_144:Cross-region replication would copy packets that live milliseconds to another region and pay for it; the bucket holds no data worth keeping.
+  #checkov:skip=CKV_AWS_145:SSE-S3 (AES-256) instead of SSE-KMS: KMS adds a request charge per PUT/GET and a key policy per node for objects that are deleted within milliseconds of being written. With a network key, bundles are also encrypted and authenticated end to end (bundle format v2).
+  #checkov:skip=CKV2_AWS_62:Event notifications are not needed: receivers find new objects by predictable per-sender keys, a rare LIST and their doorbell object (docs/DESIGN.md), which costs less than an SQS/SNS fan-out per packet.
   bucket        = var.bucket_name
   force_destroy = var.force_destroy
   tags          = local.tags

@@ -34,6 +34,6 @@ fn terraform_parses_and_node_policy_grants_exactly_the_mailbox_layout() {
 }
 
 #[test]
-fn checkov_finds_nothing_beyond_the_documented_skips() {
+fn checkov_as_users_run_it_is_clean_with_reasoned_inline_skips() {
     run_checker("--only-checkov");
 }
