@@ -17,6 +17,7 @@
 pub mod attach_cmd;
 mod classifier;
 pub mod divert;
+pub mod proxy;
 mod from_policy;
 mod logs;
 mod object;

@@ -18,7 +18,7 @@ use std::path::Path;
 pub use compile::{CompiledPolicy, PrefixTable, compile};
 pub use error::{PolicyError, Problem};
 pub use model::{
-    DivertPolicy, HttpAction, HttpPolicy, HttpRequestRule, PacketAction, Policy, Protocol, Rule,
+    DivertPolicy, HttpAction, HttpPolicy, HttpQuestion, HttpRequestRule, PacketAction, Policy, Protocol, Rule,
     Verdict,
 };
 pub use parse::parse_policy;
