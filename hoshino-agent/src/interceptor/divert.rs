@@ -44,7 +44,10 @@ mod tests {
             plain_divert(packet.clone(), PacketAction::Reinject),
             PacketOutcome::Reinject(packet.clone())
         );
-        assert_eq!(plain_divert(packet, PacketAction::Drop), PacketOutcome::Drop);
+        assert_eq!(
+            plain_divert(packet, PacketAction::Drop),
+            PacketOutcome::Drop
+        );
     }
 
     #[test]

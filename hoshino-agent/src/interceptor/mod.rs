@@ -17,10 +17,10 @@
 pub mod attach_cmd;
 mod classifier;
 pub mod divert;
-pub mod proxy;
 mod from_policy;
 mod logs;
 mod object;
+pub mod proxy;
 mod tables;
 
 pub use classifier::{

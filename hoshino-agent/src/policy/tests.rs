@@ -435,7 +435,9 @@ fn http_section_is_only_for_tcp_divert_rules() {
         "[[rule]]\nname = \"a\"\nprotocol = \"tcp\"\ndport = 80\naction = \"divert\"\n[rule.http]\ndefault = \"deny\"\n",
     );
     assert!(
-        e.starts_with("p.toml:7:11: unknown http action `deny`, expected one of allow, reset, forbid"),
+        e.starts_with(
+            "p.toml:7:11: unknown http action `deny`, expected one of allow, reset, forbid"
+        ),
         "{e}"
     );
     let e = error(
@@ -463,10 +465,19 @@ fn http_requests_match_by_method_and_query_permission() {
             uid: Some(1000),
         })
     };
-    assert_eq!(q("PUT", "/latest/api/token", false), (HttpAction::Allow, Some(0)));
+    assert_eq!(
+        q("PUT", "/latest/api/token", false),
+        (HttpAction::Allow, Some(0))
+    );
     // GET of the token path is not the PUT entry; it falls to the forbid entry.
-    assert_eq!(q("GET", "/latest/api/token", false), (HttpAction::Forbid, Some(2)));
-    assert_eq!(q("HEAD", "/latest/dynamic/x", true), (HttpAction::Allow, Some(1)));
+    assert_eq!(
+        q("GET", "/latest/api/token", false),
+        (HttpAction::Forbid, Some(2))
+    );
+    assert_eq!(
+        q("HEAD", "/latest/dynamic/x", true),
+        (HttpAction::Allow, Some(1))
+    );
     // A query only matches entries that allow one.
     assert_eq!(q("GET", "/latest/meta", true), (HttpAction::Reset, None));
     assert_eq!(q("POST", "/latest/meta", false), (HttpAction::Reset, None));
@@ -482,7 +493,10 @@ fn http_path_prefixes_and_methods_must_be_canonical() {
     let e = error(
         "[[rule]]\nname = \"a\"\nprotocol = \"tcp\"\ndport = 80\naction = \"divert\"\n[rule.http]\ndefault = \"reset\"\n[[rule.http.request]]\npath = \"/latest/\"\nmethods = [\"GET\", \"put\"]\naction = \"allow\"\n",
     );
-    assert!(e.starts_with("p.toml:10:19: `put` is not an HTTP method"), "{e}");
+    assert!(
+        e.starts_with("p.toml:10:19: `put` is not an HTTP method"),
+        "{e}"
+    );
 }
 
 #[test]

@@ -43,6 +43,33 @@ pub struct MetadataBed {
     pub client: Namespace,
     pub imds: Namespace,
     pub scratch: ScratchDir,
+    log_path: PathBuf,
+}
+
+/// A file next to this module (the fake server and the raw client).
+pub fn support_file(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/interceptor_support")
+        .join(name)
+}
+
+/// What `raw_client.py` saw.
+#[derive(Debug, Clone)]
+pub struct RawAnswer {
+    pub reset: bool,
+    pub timeout: bool,
+    pub data: String,
+    pub elapsed: Duration,
+}
+
+impl RawAnswer {
+    /// The server's answer was relayed: an HTTP status line came back.
+    pub fn status(&self) -> Option<u16> {
+        self.data
+            .strip_prefix("HTTP/1.1 ")
+            .and_then(|r| r.get(..3))
+            .and_then(|c| c.parse().ok())
+    }
 }
 
 /// What a `curl` run returned.
@@ -115,26 +142,17 @@ impl MetadataBed {
             ])
             .expect("route v6");
 
-        let root = scratch.path().join("www");
-        let meta = root.join("latest/meta-data");
-        for (path, body) in [
-            ("instance-id", INSTANCE_ID),
-            ("placement/availability-zone", "eu-test-1a"),
-            ("iam/security-credentials/index.html", CREDENTIALS),
-            ("iam/info", "{\"Code\":\"Success\"}"),
-        ] {
-            let file = meta.join(path);
-            std::fs::create_dir_all(file.parent().expect("has parent")).expect("mkdir");
-            std::fs::write(&file, body).expect("write fixture");
-        }
-        let log = File::create(scratch.path().join("imds-server.log")).expect("server log");
+        let log_path = scratch.path().join("imds-requests.log");
+        std::fs::write(&log_path, "").expect("request log");
+        let out = File::create(scratch.path().join("imds-server.log")).expect("server log");
         let child = imds
             .command("python3")
-            .args(["-m", "http.server", "80", "--bind", "::", "--directory"])
-            .arg(&root)
+            .arg(support_file("fake_imds.py"))
+            .arg("80")
+            .arg(&log_path)
             .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log fd"))
-            .stderr(log)
+            .stdout(out.try_clone().expect("log fd"))
+            .stderr(out)
             .spawn()
             .expect("start the fake metadata server");
         let bed = Self {
@@ -142,6 +160,7 @@ impl MetadataBed {
             client,
             imds,
             scratch,
+            log_path,
         };
         bed.wait_for_server();
         bed
@@ -194,6 +213,70 @@ impl MetadataBed {
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
             elapsed: start.elapsed(),
         }
+    }
+
+    /// Request lines the fake metadata server received, in order.
+    pub fn server_log(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.log_path)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Asserts that the server never received a request for an `iam/` path (however spelt:
+    /// the test requests are the only ones that mention `iam` at all).
+    pub fn assert_server_saw_no_iam(&self) {
+        let log = self.server_log();
+        let bad: Vec<&String> = log
+            .iter()
+            .filter(|l| {
+                let l = l.to_ascii_lowercase();
+                l.contains("iam") || l.contains("%69") || l.contains("%61") || l.contains("%6d")
+            })
+            .collect();
+        assert!(
+            bad.is_empty(),
+            "the server received refused requests: {bad:?}\nfull log: {log:?}"
+        );
+    }
+
+    /// Runs `raw_client.py` in `ns` as `uid` (root if None) with the JSON request `spec`.
+    pub fn raw_in(&self, ns: &Namespace, uid: Option<u32>, spec: &serde_json::Value) -> RawAnswer {
+        let script = support_file("raw_client.py");
+        let mut cmd = match uid {
+            None => ns.command("python3"),
+            Some(uid) => {
+                let mut c = ns.command("setpriv");
+                c.args([
+                    &format!("--reuid={uid}"),
+                    &format!("--regid={uid}"),
+                    "--clear-groups",
+                    "python3",
+                ]);
+                c
+            }
+        };
+        cmd.arg(script).arg(spec.to_string());
+        let out = command::output(&mut cmd).expect("raw client runs");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap_or_else(|e| {
+            panic!(
+                "raw client output {text:?} ({e}); stderr {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        RawAnswer {
+            reset: v["reset"].as_bool().unwrap_or(false),
+            timeout: v["timeout"].as_bool().unwrap_or(false),
+            data: v["data"].as_str().unwrap_or_default().to_string(),
+            elapsed: Duration::from_secs_f64(v["elapsed"].as_f64().unwrap_or(0.0)),
+        }
+    }
+
+    /// [`Self::raw_in`] in the client namespace.
+    pub fn raw(&self, uid: Option<u32>, spec: &serde_json::Value) -> RawAnswer {
+        self.raw_in(&self.client, uid, spec)
     }
 
     /// A copy of `policy` in the scratch directory (so a test may rewrite it).

@@ -76,25 +76,75 @@ impl DivertStats {
     /// Appends the counters in the Prometheus text format.
     pub fn render(&self, out: &mut String) {
         for (name, help, v) in [
-            ("hoshino_divert_packets_total", "Packets read from the divert TUN.", &self.packets),
-            ("hoshino_divert_reinjected_total", "Packets of plain divert rules reinjected.", &self.reinjected),
-            ("hoshino_divert_dropped_total", "Packets of plain divert rules dropped.", &self.dropped),
-            ("hoshino_divert_unknown_flow_total", "Diverted packets without a flow entry or divert rule (dropped).", &self.unknown_flow),
-            ("hoshino_divert_malformed_total", "Diverted packets that did not parse (dropped).", &self.malformed),
-            ("hoshino_divert_connections_total", "Connections the metadata proxy terminated.", &self.connections),
-            ("hoshino_divert_resets_total", "Connections the metadata proxy reset on a refused request.", &self.resets),
-            ("hoshino_divert_upstream_errors_total", "Allowed requests the server did not answer usably (502 to the client).", &self.upstream_errors),
-            ("hoshino_divert_errors_total", "I/O errors on the divert TUN or the reinjection sockets.", &self.errors),
+            (
+                "hoshino_divert_packets_total",
+                "Packets read from the divert TUN.",
+                &self.packets,
+            ),
+            (
+                "hoshino_divert_reinjected_total",
+                "Packets of plain divert rules reinjected.",
+                &self.reinjected,
+            ),
+            (
+                "hoshino_divert_dropped_total",
+                "Packets of plain divert rules dropped.",
+                &self.dropped,
+            ),
+            (
+                "hoshino_divert_unknown_flow_total",
+                "Diverted packets without a flow entry or divert rule (dropped).",
+                &self.unknown_flow,
+            ),
+            (
+                "hoshino_divert_malformed_total",
+                "Diverted packets that did not parse (dropped).",
+                &self.malformed,
+            ),
+            (
+                "hoshino_divert_connections_total",
+                "Connections the metadata proxy terminated.",
+                &self.connections,
+            ),
+            (
+                "hoshino_divert_resets_total",
+                "Connections the metadata proxy reset on a refused request.",
+                &self.resets,
+            ),
+            (
+                "hoshino_divert_upstream_errors_total",
+                "Allowed requests the server did not answer usably (502 to the client).",
+                &self.upstream_errors,
+            ),
+            (
+                "hoshino_divert_errors_total",
+                "I/O errors on the divert TUN or the reinjection sockets.",
+                &self.errors,
+            ),
         ] {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}", v.load(Relaxed));
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                v.load(Relaxed)
+            );
         }
         let name = "hoshino_divert_requests_total";
-        let _ = writeln!(out, "# HELP {name} HTTP requests judged by the metadata proxy, by verdict.\n# TYPE {name} counter");
-        for (verdict, v) in [("allow", &self.allowed), ("reset", &self.reset), ("forbid", &self.forbidden)] {
+        let _ = writeln!(
+            out,
+            "# HELP {name} HTTP requests judged by the metadata proxy, by verdict.\n# TYPE {name} counter"
+        );
+        for (verdict, v) in [
+            ("allow", &self.allowed),
+            ("reset", &self.reset),
+            ("forbid", &self.forbidden),
+        ] {
             let _ = writeln!(out, "{name}{{verdict=\"{verdict}\"}} {}", v.load(Relaxed));
         }
         let name = "hoshino_divert_refusals_total";
-        let _ = writeln!(out, "# HELP {name} Requests and connections refused before the policy was asked, by reason.\n# TYPE {name} counter");
+        let _ = writeln!(
+            out,
+            "# HELP {name} Requests and connections refused before the policy was asked, by reason.\n# TYPE {name} counter"
+        );
         for (reason, v) in REFUSAL_REASONS.iter().zip(self.refusals.iter()) {
             let _ = writeln!(out, "{name}{{reason=\"{reason}\"}} {}", v.load(Relaxed));
         }
@@ -115,8 +165,17 @@ mod tests {
         assert_eq!(s.refusals("other"), 1);
         let mut text = String::new();
         s.render(&mut text);
-        assert!(text.contains("hoshino_divert_refusals_total{reason=\"target_dot_segment\"} 1"), "{text}");
-        assert!(text.contains("hoshino_divert_requests_total{verdict=\"allow\"} 2"), "{text}");
-        assert!(text.contains("# TYPE hoshino_divert_connections_total counter"), "{text}");
+        assert!(
+            text.contains("hoshino_divert_refusals_total{reason=\"target_dot_segment\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("hoshino_divert_requests_total{verdict=\"allow\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE hoshino_divert_connections_total counter"),
+            "{text}"
+        );
     }
 }

@@ -90,7 +90,13 @@ mod tests {
         let mut a = Admission::new(4, 2);
         assert_eq!(a.admit(1000), Ok(()));
         assert_eq!(a.admit(1000), Ok(()));
-        assert_eq!(a.admit(1000), Err(AdmissionError::UidCap { uid: 1000, count: 2 }));
+        assert_eq!(
+            a.admit(1000),
+            Err(AdmissionError::UidCap {
+                uid: 1000,
+                count: 2
+            })
+        );
         assert_eq!(a.admit(65534), Ok(()));
         assert_eq!(a.admit(1001), Ok(()));
         assert_eq!(a.admit(1002), Err(AdmissionError::Full(4)));

@@ -60,13 +60,15 @@ pub fn record(j: &Judgement, limiter: &mut GarbageLimiter, now: Instant) {
     } else {
         0
     };
-    let entry = j.entry.map_or_else(|| "default".to_string(), |e| e.to_string());
+    let entry = j
+        .entry
+        .map_or_else(|| "default".to_string(), |e| e.to_string());
     tracing::info!(
         target: AUDIT_TARGET,
         uid = j.uid,
-        method = j.method.as_deref().unwrap_or("-"),
-        path = j.target.as_deref().unwrap_or("-"),
-        refused = j.refused_because.unwrap_or("-"),
+        method = %j.method.as_deref().unwrap_or("-"),
+        path = %j.target.as_deref().unwrap_or("-"),
+        refused = %j.refused_because.unwrap_or("-"),
         rule = %j.rule,
         entry = %entry,
         verdict = %j.action,

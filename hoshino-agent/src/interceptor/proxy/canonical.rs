@@ -28,7 +28,9 @@ pub enum TargetError {
     ForbiddenByte(u8),
     #[error("the target has a malformed percent-encoding")]
     BadPercent,
-    #[error("the target percent-encodes a character that has a plain spelling or is a separator ({0:#04x})")]
+    #[error(
+        "the target percent-encodes a character that has a plain spelling or is a separator ({0:#04x})"
+    )]
     NeedlessPercent(u8),
     #[error("the target uses lowercase hex in a percent-encoding")]
     LowercasePercent,
@@ -236,9 +238,18 @@ mod tests {
             ("//latest/meta-data/", EmptySegment),
             ("/latest/meta-data/%2e%2e/iam/", LowercasePercent),
             ("/latest/meta-data/%2E%2E/iam/", NeedlessPercent(b'.')),
-            ("/latest/meta-data/placement%2F..%2Fiam/", NeedlessPercent(b'/')),
-            ("/latest/meta-data/placement%5C..%5Ciam/", NeedlessPercent(b'\\')),
-            ("/latest/meta-data/placement\\..\\iam/", ForbiddenByte(b'\\')),
+            (
+                "/latest/meta-data/placement%2F..%2Fiam/",
+                NeedlessPercent(b'/'),
+            ),
+            (
+                "/latest/meta-data/placement%5C..%5Ciam/",
+                NeedlessPercent(b'\\'),
+            ),
+            (
+                "/latest/meta-data/placement\\..\\iam/",
+                ForbiddenByte(b'\\'),
+            ),
             ("/latest/meta-data/i%61m/", NeedlessPercent(b'a')),
             ("/latest/meta-data/%69am/", NeedlessPercent(b'i')),
             ("/latest/meta-data/iam%252F", NeedlessPercent(b'%')),

@@ -60,10 +60,7 @@ pub enum Step {
         judgement: Judgement,
     },
     /// Refuse and end the connection.
-    Refuse {
-        how: Refusal,
-        judgement: Judgement,
-    },
+    Refuse { how: Refusal, judgement: Judgement },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -309,7 +306,10 @@ mod tests {
         match c.step(now) {
             Step::Refuse { how, judgement } => {
                 assert_eq!(how, Refusal::Reset);
-                assert_eq!(judgement.target.as_deref(), Some("/latest/meta-data/iam/info"));
+                assert_eq!(
+                    judgement.target.as_deref(),
+                    Some("/latest/meta-data/iam/info")
+                );
                 assert_eq!(judgement.entry, Some(0));
             }
             other => panic!("{other:?}"),
@@ -322,12 +322,27 @@ mod tests {
     fn a_forbid_entry_answers_403_and_the_token_needs_put() {
         let (mut c, now) = start();
         c.receive(b"GET /latest/user-data HTTP/1.1\r\n\r\n", now);
-        assert!(matches!(c.step(now), Step::Refuse { how: Refusal::Forbid, .. }));
+        assert!(matches!(
+            c.step(now),
+            Step::Refuse {
+                how: Refusal::Forbid,
+                ..
+            }
+        ));
         let (mut c, now) = start();
         c.receive(b"GET /latest/api/token HTTP/1.1\r\n\r\n", now);
-        assert!(matches!(c.step(now), Step::Refuse { how: Refusal::Reset, .. }));
+        assert!(matches!(
+            c.step(now),
+            Step::Refuse {
+                how: Refusal::Reset,
+                ..
+            }
+        ));
         let (mut c, now) = start();
-        c.receive(b"PUT /latest/api/token HTTP/1.1\r\nContent-Length: 0\r\n\r\n", now);
+        c.receive(
+            b"PUT /latest/api/token HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+            now,
+        );
         assert!(matches!(c.step(now), Step::Forward { .. }));
     }
 

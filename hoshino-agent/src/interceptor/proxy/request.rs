@@ -292,15 +292,26 @@ mod tests {
 
     #[test]
     fn an_incomplete_head_waits_for_more_bytes() {
-        assert_eq!(frame("GET /latest/meta-data/ HTTP/1.1\r\nHost: x\r\n"), Ok(Framed::Partial));
+        assert_eq!(
+            frame("GET /latest/meta-data/ HTTP/1.1\r\nHost: x\r\n"),
+            Ok(Framed::Partial)
+        );
         assert_eq!(frame("GE"), Ok(Framed::Partial));
     }
 
     #[test]
     fn keep_alive_follows_the_version_and_connection_header() {
-        assert!(!request("GET / HTTP/1.1\r\nConnection: close\r\n\r\n").0.keep_alive);
+        assert!(
+            !request("GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
+                .0
+                .keep_alive
+        );
         assert!(!request("GET / HTTP/1.0\r\n\r\n").0.keep_alive);
-        assert!(request("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n").0.keep_alive);
+        assert!(
+            request("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n")
+                .0
+                .keep_alive
+        );
     }
 
     #[test]
@@ -313,10 +324,14 @@ mod tests {
         assert_eq!(r.token.as_deref(), Some("AQAE-abc=="));
         assert_eq!(
             frame("PUT / HTTP/1.1\r\nX-aws-ec2-metadata-token-ttl-seconds: 1e9\r\n\r\n"),
-            Err(RequestError::BadHeaderValue("X-aws-ec2-metadata-token-ttl-seconds"))
+            Err(RequestError::BadHeaderValue(
+                "X-aws-ec2-metadata-token-ttl-seconds"
+            ))
         );
         assert_eq!(
-            frame("GET / HTTP/1.1\r\nX-aws-ec2-metadata-token: a\r\nX-aws-ec2-metadata-token: b\r\n\r\n"),
+            frame(
+                "GET / HTTP/1.1\r\nX-aws-ec2-metadata-token: a\r\nX-aws-ec2-metadata-token: b\r\n\r\n"
+            ),
             Err(RequestError::DuplicateHeader("X-aws-ec2-metadata-token"))
         );
     }
@@ -325,14 +340,35 @@ mod tests {
     fn bodies_and_framing_tricks_are_refused() {
         use RequestError::*;
         for (text, want) in [
-            ("POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello", Body("Content-Length")),
-            ("GET / HTTP/1.1\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n", DuplicateHeader("Content-Length")),
-            ("GET / HTTP/1.1\r\nContent-Length: 00\r\n\r\n", Body("Content-Length")),
-            ("GET / HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n", Body("Content-Length")),
-            ("GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", Body("Transfer-Encoding")),
-            ("GET / HTTP/1.1\r\nTransfer-Encoding: identity\r\n\r\n", Body("Transfer-Encoding")),
+            (
+                "POST / HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello",
+                Body("Content-Length"),
+            ),
+            (
+                "GET / HTTP/1.1\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n",
+                DuplicateHeader("Content-Length"),
+            ),
+            (
+                "GET / HTTP/1.1\r\nContent-Length: 00\r\n\r\n",
+                Body("Content-Length"),
+            ),
+            (
+                "GET / HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n",
+                Body("Content-Length"),
+            ),
+            (
+                "GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+                Body("Transfer-Encoding"),
+            ),
+            (
+                "GET / HTTP/1.1\r\nTransfer-Encoding: identity\r\n\r\n",
+                Body("Transfer-Encoding"),
+            ),
             ("PUT / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n", Expect),
-            ("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", DuplicateHeader("Host")),
+            (
+                "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+                DuplicateHeader("Host"),
+            ),
         ] {
             assert_eq!(frame_request(text.as_bytes(), false), Err(want), "{text:?}");
         }

@@ -82,15 +82,15 @@ pub fn parse_response(bytes: &[u8], head_request: bool) -> Result<RelayedRespons
                 .and_then(|v| v.parse::<usize>().ok())
                 .ok_or_else(|| ResponseError::Malformed("bad Content-Length".into()))?;
             if content_length.is_some_and(|c| c != n) {
-                return Err(ResponseError::Malformed("conflicting Content-Length".into()));
+                return Err(ResponseError::Malformed(
+                    "conflicting Content-Length".into(),
+                ));
             }
             content_length = Some(n);
             continue;
         }
         if let (Some(name), Some(value)) = (
-            KEPT_HEADERS
-                .iter()
-                .find(|k| h.name.eq_ignore_ascii_case(k)),
+            KEPT_HEADERS.iter().find(|k| h.name.eq_ignore_ascii_case(k)),
             value,
         ) {
             kept.push((*name, value.to_string()));
@@ -124,7 +124,11 @@ pub fn parse_response(bytes: &[u8], head_request: bool) -> Result<RelayedRespons
 
 /// The bytes the client receives for `response`; `head_request` sends the length without the
 /// body; `keep_alive` says whether the connection stays open.
-pub fn client_response(response: &RelayedResponse, head_request: bool, keep_alive: bool) -> Vec<u8> {
+pub fn client_response(
+    response: &RelayedResponse,
+    head_request: bool,
+    keep_alive: bool,
+) -> Vec<u8> {
     let mut out = format!("HTTP/1.1 {} {}\r\n", response.status, response.reason);
     for (name, value) in &response.headers {
         out.push_str(&format!("{name}: {value}\r\n"));
@@ -187,7 +191,10 @@ mod tests {
     #[test]
     fn unrelayable_responses_are_errors() {
         assert_eq!(
-            parse_response(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", false),
+            parse_response(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+                false
+            ),
             Err(ResponseError::TransferEncoded)
         );
         assert_eq!(
@@ -199,11 +206,22 @@ mod tests {
             Err(ResponseError::Truncated)
         );
         assert_eq!(
-            parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab", false),
-            Err(ResponseError::Malformed("conflicting Content-Length".into()))
+            parse_response(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+                false
+            ),
+            Err(ResponseError::Malformed(
+                "conflicting Content-Length".into()
+            ))
         );
-        let huge = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", MAX_RESPONSE_BODY + 1);
-        assert_eq!(parse_response(huge.as_bytes(), false), Err(ResponseError::BodyTooLarge));
+        let huge = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
+            MAX_RESPONSE_BODY + 1
+        );
+        assert_eq!(
+            parse_response(huge.as_bytes(), false),
+            Err(ResponseError::BodyTooLarge)
+        );
     }
 
     #[test]

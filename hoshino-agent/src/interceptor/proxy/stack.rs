@@ -20,13 +20,13 @@ use smoltcp::socket::tcp;
 use smoltcp::wire::{HardwareAddress, IpCidr, IpListenEndpoint};
 use tokio::sync::mpsc;
 
+use super::ProxyStats;
 use super::admission::{Admission, AdmissionError};
 use super::audit::{self, GarbageLimiter};
 use super::conversation::{Conversation, DivertRule, Judgement, Refusal, Step};
 use super::request::rebuild_request;
 use super::response::{client_response, own_response};
 use super::upstream;
-use super::ProxyStats;
 use crate::interceptor::divert::FlowTuple;
 use crate::interceptor::flow_key;
 use crate::policy::HttpAction;
@@ -237,7 +237,9 @@ impl ProxyStack {
         );
         socket.set_nagle_enabled(false);
         socket.set_ack_delay(None);
-        socket.set_timeout(Some(smoltcp::time::Duration::from_secs(TCP_TIMEOUT.as_secs())));
+        socket.set_timeout(Some(smoltcp::time::Duration::from_secs(
+            TCP_TIMEOUT.as_secs(),
+        )));
         let endpoint = IpListenEndpoint {
             addr: Some(tuple.dst.into()),
             port: tuple.dst_port,
@@ -272,7 +274,11 @@ impl ProxyStack {
 
     /// The answer of an upstream fetch.
     pub fn answer(&mut self, answer: Answer, now: Instant) {
-        let Some(c) = self.connections.values_mut().find(|c| c.id == answer.connection) else {
+        let Some(c) = self
+            .connections
+            .values_mut()
+            .find(|c| c.id == answer.connection)
+        else {
             return; // the client is gone
         };
         let keep = c.conversation.answered(answer.relayed, now);
@@ -458,7 +464,6 @@ impl ProxyStats {
         }
     }
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -659,7 +664,9 @@ mod tests {
 
     #[tokio::test]
     async fn an_allowed_request_is_rebuilt_sent_upstream_and_the_answer_relayed() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let port = listener.local_addr().expect("addr").port();
         let server = tokio::spawn(async move {
             let (mut conn, _) = listener.accept().await.expect("accept");
@@ -688,7 +695,8 @@ mod tests {
             },
             now,
         );
-        let request = b"GET /latest/meta-data/instance-id HTTP/1.1\r\nHost: evil\r\nX-Smuggle: 1\r\n\r\n";
+        let request =
+            b"GET /latest/meta-data/instance-id HTTP/1.1\r\nHost: evil\r\nX-Smuggle: 1\r\n\r\n";
         s.push(c.segment(false, request));
         c.seq += request.len() as u32;
         s.poll(now);
@@ -703,7 +711,9 @@ mod tests {
         let seen = server.await.expect("server");
         assert_eq!(
             seen,
-            format!("GET /latest/meta-data/instance-id HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n")
+            format!(
+                "GET /latest/meta-data/instance-id HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n"
+            )
         );
         assert_eq!(s.stats.allowed.load(Relaxed), 1);
     }

@@ -9,7 +9,9 @@ use std::time::Duration;
 use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::response::{MAX_RESPONSE_BODY, MAX_RESPONSE_HEAD, RelayedResponse, ResponseError, parse_response};
+use super::response::{
+    MAX_RESPONSE_BODY, MAX_RESPONSE_HEAD, RelayedResponse, ResponseError, parse_response,
+};
 
 /// Limit on connecting, sending and reading the whole response.
 pub const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
@@ -55,10 +57,18 @@ pub async fn fetch(
     }
 }
 
-async fn exchange(server: SocketAddr, mark: u32, request: Vec<u8>) -> Result<Vec<u8>, UpstreamError> {
+async fn exchange(
+    server: SocketAddr,
+    mark: u32,
+    request: Vec<u8>,
+) -> Result<Vec<u8>, UpstreamError> {
     let connect = |source| UpstreamError::Connect { server, source };
-    let socket = Socket::new(Domain::for_address(server), Type::STREAM, Some(Protocol::TCP))
-        .map_err(connect)?;
+    let socket = Socket::new(
+        Domain::for_address(server),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )
+    .map_err(connect)?;
     // The mark makes the classifier pass this connection (CAP_NET_ADMIN, as for reinjection).
     if mark != 0 {
         socket.set_mark(mark).map_err(connect)?;
