@@ -163,6 +163,8 @@ impl MetadataBed {
             log_path,
         };
         bed.wait_for_server();
+        // The readiness probe is not part of any test.
+        std::fs::write(&bed.log_path, "").expect("clear the request log");
         bed
     }
 
@@ -244,15 +246,18 @@ impl MetadataBed {
     /// Runs `raw_client.py` in `ns` as `uid` (root if None) with the JSON request `spec`.
     pub fn raw_in(&self, ns: &Namespace, uid: Option<u32>, spec: &serde_json::Value) -> RawAnswer {
         let script = support_file("raw_client.py");
+        // The system interpreter: a per-user one (pyenv under /root) is not readable by
+        // other users.
+        let python = "/usr/bin/python3";
         let mut cmd = match uid {
-            None => ns.command("python3"),
+            None => ns.command(python),
             Some(uid) => {
                 let mut c = ns.command("setpriv");
                 c.args([
                     &format!("--reuid={uid}"),
                     &format!("--regid={uid}"),
                     "--clear-groups",
-                    "python3",
+                    python,
                 ]);
                 c
             }

@@ -110,6 +110,9 @@ struct Connection {
     close_after: bool,
     /// Refused with a reset: abort at the next chance.
     abort: bool,
+    /// Refused with a reset while an earlier response is still going out: abort once it is
+    /// sent and acknowledged (a pipelined refused request must not cut the allowed answer).
+    abort_after_flush: bool,
 }
 
 /// What the stack reports back to the divert loop after a poll.
@@ -260,6 +263,7 @@ impl ProxyStack {
                 outbox: Vec::new(),
                 close_after: false,
                 abort: false,
+                abort_after_flush: false,
             },
         );
         self.by_tuple.insert(tuple, handle);
@@ -321,6 +325,12 @@ impl ProxyStack {
                 socket.abort();
                 continue;
             }
+            if c.abort_after_flush && c.outbox.is_empty() && socket.send_queue() == 0 {
+                c.abort = true;
+                socket.abort();
+                continue;
+            }
+            // A refused conversation takes no more bytes (room 0) and judges nothing more.
             let room = c.conversation.room().min(buf.len());
             if room > 0 && socket.can_recv() {
                 match socket.recv_slice(&mut buf[..room]) {
@@ -368,8 +378,12 @@ impl ProxyStack {
                         match how {
                             Refusal::Reset => {
                                 self.stats.resets.fetch_add(1, Relaxed);
-                                c.abort = true;
-                                socket.abort();
+                                if c.outbox.is_empty() && socket.send_queue() == 0 {
+                                    c.abort = true;
+                                    socket.abort();
+                                } else {
+                                    c.abort_after_flush = true;
+                                }
                             }
                             Refusal::Forbid => {
                                 c.outbox = own_response(403, "Forbidden");
@@ -390,6 +404,11 @@ impl ProxyStack {
                     }
                     Err(_) => c.abort = true,
                 }
+            }
+            if c.abort_after_flush && c.outbox.is_empty() && socket.send_queue() == 0 {
+                c.abort = true;
+                socket.abort();
+                continue;
             }
             if c.outbox.is_empty() && c.close_after {
                 socket.close();
