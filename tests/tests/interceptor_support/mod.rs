@@ -23,6 +23,11 @@ pub const IMDS_V6: &str = "fd00:ec2::254";
 pub const INSTANCE_ID: &str = "i-0123456789abcdef0";
 pub const CREDENTIALS: &str = "hoshino-test-role";
 pub const METRICS_PORT: u16 = 9464;
+/// The "container" namespace and the host side of its link (see [`MetadataBed::add_container`]).
+pub const CTR_V4: &str = "10.233.0.2";
+pub const CTR_HOST_V4: &str = "10.233.0.1";
+pub const CTR_V6: &str = "fd00:233::2";
+pub const CTR_HOST_V6: &str = "fd00:233::1";
 
 /// The repository root (examples live there).
 pub fn repo_root() -> PathBuf {
@@ -193,10 +198,15 @@ impl MetadataBed {
 
     /// `curl URL` in the client namespace as `uid` (root if None), 5 s limit.
     pub fn fetch(&self, uid: Option<u32>, url: &str) -> Fetch {
+        self.curl_in(&self.client, uid, &[url])
+    }
+
+    /// `curl -sS -g -m 5 ARGS` in `ns` as `uid` (root if None).
+    pub fn curl_in(&self, ns: &Namespace, uid: Option<u32>, args: &[&str]) -> Fetch {
         let mut cmd = match uid {
-            None => self.client.command("curl"),
+            None => ns.command("curl"),
             Some(uid) => {
-                let mut c = self.client.command("setpriv");
+                let mut c = ns.command("setpriv");
                 c.args([
                     &format!("--reuid={uid}"),
                     &format!("--regid={uid}"),
@@ -206,7 +216,7 @@ impl MetadataBed {
                 c
             }
         };
-        cmd.args(["-sS", "-g", "-m", "5", url]);
+        cmd.args(["-sS", "-g", "-m", "5"]).args(args);
         let start = Instant::now();
         let out = command::output(&mut cmd).expect("curl runs");
         Fetch {
@@ -215,6 +225,60 @@ impl MetadataBed {
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
             elapsed: start.elapsed(),
         }
+    }
+
+    /// A "container": a third namespace routed through the client namespace (the host) and
+    /// masqueraded there onto its `eth0`, for IPv4 and IPv6, as Docker's default bridge does.
+    pub fn add_container(&self) -> Namespace {
+        let ctr = Namespace::create("mdk").expect("container namespace");
+        self.client
+            .ip(&[
+                "link",
+                "add",
+                "ctr0",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                ctr.name(),
+            ])
+            .expect("container veth");
+        for (ns, dev, v4, v6) in [
+            (&self.client, "ctr0", CTR_HOST_V4, CTR_HOST_V6),
+            (&ctr, "eth0", CTR_V4, CTR_V6),
+        ] {
+            ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", dev])
+                .expect("v4");
+            ns.ip(&["addr", "add", &format!("{v6}/64"), "dev", dev, "nodad"])
+                .expect("v6");
+            ns.ip(&["link", "set", dev, "up"]).expect("up");
+        }
+        ctr.ip(&["route", "add", "default", "via", CTR_HOST_V4])
+            .expect("v4 default");
+        ctr.ip(&["-6", "route", "add", "default", "via", CTR_HOST_V6])
+            .expect("v6 default");
+        for key in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
+            self.client
+                .run("sysctl", &["-qw", key])
+                .expect("forwarding");
+        }
+        let rules = self.scratch.path().join("masquerade.nft");
+        std::fs::write(
+            &rules,
+            "table ip hoshino_test_nat {\n chain post {\n  type nat hook postrouting priority 100;\n  oifname \"eth0\" masquerade\n }\n}\n\
+             table ip6 hoshino_test_nat {\n chain post {\n  type nat hook postrouting priority 100;\n  oifname \"eth0\" masquerade\n }\n}\n",
+        )
+        .expect("nft rules");
+        let out =
+            command::output(self.client.command("nft").arg("-f").arg(&rules)).expect("nft runs");
+        assert!(
+            out.status.success(),
+            "nft: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        ctr
     }
 
     /// Request lines the fake metadata server received, in order.
