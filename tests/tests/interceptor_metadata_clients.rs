@@ -1,5 +1,5 @@
-//! IMDSv2 through the terminating proxy, forwarded (NAT'd container) clients, and the audit
-//! records. `examples/policies/metadata.toml` against the logging fake metadata server.
+//! IMDSv2 through the terminating proxy, forwarded (NAT'd container) clients and raw-socket
+//! segment tricks from container root, and the audit records. `examples/policies/metadata.toml` against the logging fake metadata server.
 //! Needs root (namespaces, BPF, nft).
 
 mod interceptor_support;
@@ -181,4 +181,50 @@ fn every_judged_request_gives_one_json_audit_record() {
     assert_eq!(field(2, "path"), "-");
     assert_eq!(field(2, "refused"), "target_dot_segment");
     assert_eq!(field(2, "verdict"), "reset");
+}
+
+#[test]
+fn raw_segment_tricks_from_container_root_never_reach_the_credentials() {
+    let bed = MetadataBed::new();
+    let ctr = bed.add_container();
+    // The container's kernel knows nothing of the hand-made connections and would reset them;
+    // only the script's own (marked) RSTs may leave.
+    let rules = bed.scratch.path().join("no-kernel-rst.nft");
+    std::fs::write(
+        &rules,
+        "table ip hoshino_test_raw {\n chain out {\n  type filter hook output priority 0;\n  meta mark != 0x77 tcp flags & rst == rst drop\n }\n}\n",
+    )
+    .expect("nft rules");
+    let out =
+        hoshino_tests::command::output(ctr.command("nft").arg("-f").arg(&rules)).expect("nft");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let agent = bed.attach(&example_policy("metadata.toml"), &[]);
+    let out = hoshino_tests::command::output(
+        ctr.command("/usr/bin/python3")
+            .arg(support_file("tcp_tricks.py"))
+            .args([IMDS_V4, CTR_V4]),
+    )
+    .expect("tcp_tricks runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let results: serde_json::Value = serde_json::from_str(text.trim())
+        .unwrap_or_else(|e| panic!("{e}: {text}\n{}", String::from_utf8_lossy(&out.stderr)));
+    let results = results.as_object().expect("an object");
+    assert_eq!(results.len(), 5, "{results:?}");
+    for (name, r) in results {
+        assert!(
+            r.get("error").is_none(),
+            "{name}: {r}\n{}",
+            agent.log_text()
+        );
+        let data = r["data"].as_str().unwrap_or_default();
+        assert!(!data.contains(CREDENTIALS), "{name}: {r}");
+    }
+    bed.assert_server_saw_no_iam();
+    // The tricks reached the judge (they are not just lost packets).
+    let judged = agent.log_text().matches("HTTP request judged").count();
+    assert!(judged >= 3, "{}", agent.log_text());
 }
