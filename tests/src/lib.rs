@@ -9,6 +9,7 @@ pub mod binaries;
 pub mod bundle_forge;
 pub mod classifier_bench;
 pub mod command;
+pub mod metadata_bench;
 pub mod metrics;
 pub mod moto;
 pub mod netns;

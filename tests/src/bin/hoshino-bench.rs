@@ -53,6 +53,12 @@ struct Args {
     /// Seconds per iperf3 run in the classifier comparison.
     #[arg(long, default_value_t = 4)]
     classifier_seconds: u32,
+    /// Alternating rounds of the metadata proxy comparison (0 skips it).
+    #[arg(long, default_value_t = 5)]
+    metadata_rounds: u32,
+    /// Requests per round in the metadata proxy comparison.
+    #[arg(long, default_value_t = 100)]
+    metadata_requests: usize,
 }
 
 fn run(args: Args) -> anyhow::Result<ExitCode> {
@@ -158,6 +164,13 @@ fn classifier_figures(args: &Args) -> anyhow::Result<()> {
     hoshino_tests::classifier_bench::run(&policy, args.classifier_rounds, args.classifier_seconds)
         .context("classifier benchmark")?
         .print();
+    if args.metadata_rounds > 0 {
+        let metadata = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../examples/policies/metadata.toml");
+        hoshino_tests::metadata_bench::run(&metadata, args.metadata_rounds, args.metadata_requests)
+            .context("metadata proxy benchmark")?
+            .print();
+    }
     Ok(())
 }
 
