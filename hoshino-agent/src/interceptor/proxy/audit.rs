@@ -12,22 +12,12 @@ pub const AUDIT_TARGET: &str = "hoshino::audit";
 const GARBAGE_PER_WINDOW: u32 = 10;
 const GARBAGE_WINDOW: Duration = Duration::from_secs(10);
 
-/// A token-bucket-like window limiter for garbage records (sans-IO).
-#[derive(Debug)]
+/// A fixed-window limiter for garbage records (sans-IO).
+#[derive(Debug, Default)]
 pub struct GarbageLimiter {
     window_start: Option<Instant>,
     in_window: u32,
     suppressed: u64,
-}
-
-impl Default for GarbageLimiter {
-    fn default() -> Self {
-        Self {
-            window_start: None,
-            in_window: 0,
-            suppressed: 0,
-        }
-    }
 }
 
 impl GarbageLimiter {

@@ -409,7 +409,7 @@ mod tests {
     fn room_is_bounded_by_the_head_limit() {
         let (mut c, now) = start();
         assert_eq!(c.room(), MAX_HEAD + 1);
-        c.receive(&vec![b'a'; 100], now);
+        c.receive(&[b'a'; 100], now);
         assert_eq!(c.room(), MAX_HEAD + 1 - 100);
     }
 }
