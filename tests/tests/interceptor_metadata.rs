@@ -164,6 +164,15 @@ fn rule_counters_are_exported_with_rule_names() {
         text.contains("hoshino_rule_bytes_total{rule=\"imds-users\"}"),
         "{text}"
     );
+    // The proxy's own counters: one terminated connection, one allowed request.
+    assert!(
+        text.contains("hoshino_divert_connections_total 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("hoshino_divert_requests_total{verdict=\"allow\"} 1"),
+        "{text}"
+    );
 }
 
 #[test]

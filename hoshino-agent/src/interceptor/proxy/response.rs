@@ -41,6 +41,8 @@ pub struct RelayedResponse {
     pub reason: String,
     pub headers: Vec<(&'static str, String)>,
     pub body: Vec<u8>,
+    /// The server's `Content-Length` (what a HEAD answer declares without a body).
+    pub declared_length: Option<usize>,
 }
 
 /// Reads the whole server response from `bytes` (the server was asked for `Connection: close`,
@@ -119,6 +121,7 @@ pub fn parse_response(bytes: &[u8], head_request: bool) -> Result<RelayedRespons
         reason,
         headers: kept,
         body,
+        declared_length: content_length,
     })
 }
 
@@ -133,7 +136,12 @@ pub fn client_response(
     for (name, value) in &response.headers {
         out.push_str(&format!("{name}: {value}\r\n"));
     }
-    out.push_str(&format!("Content-Length: {}\r\n", response.body.len()));
+    let length = if head_request {
+        response.declared_length.unwrap_or(0)
+    } else {
+        response.body.len()
+    };
+    out.push_str(&format!("Content-Length: {length}\r\n"));
     out.push_str(if keep_alive {
         "Connection: keep-alive\r\n\r\n"
     } else {
@@ -186,6 +194,9 @@ mod tests {
         let r = parse_response(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n", true)
             .expect("HEAD has no body");
         assert!(r.body.is_empty());
+        // A HEAD answer declares the length the GET would have.
+        let text = String::from_utf8(client_response(&r, true, false)).expect("ascii");
+        assert!(text.contains("Content-Length: 4\r\n"), "{text}");
     }
 
     #[test]
