@@ -3,10 +3,11 @@
 
 use std::collections::HashMap;
 
-/// Default bound on connections in all.
-pub const MAX_CONNECTIONS: usize = 1024;
+/// Default bound on connections in all: with at most 20 KiB of socket buffers and one answer
+/// (at most 256 KiB) each, the proxy's memory stays bounded even when no client reads.
+pub const MAX_CONNECTIONS: usize = 256;
 /// Default bound on connections per uid.
-pub const MAX_PER_UID: usize = 64;
+pub const MAX_PER_UID: usize = 32;
 
 /// Why a new connection was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

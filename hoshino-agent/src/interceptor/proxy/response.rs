@@ -4,7 +4,7 @@
 /// Largest response head accepted from the server.
 pub const MAX_RESPONSE_HEAD: usize = 16 * 1024;
 /// Largest response body relayed (IMDS documents are small; user-data is at most 16 KiB).
-pub const MAX_RESPONSE_BODY: usize = 1024 * 1024;
+pub const MAX_RESPONSE_BODY: usize = 256 * 1024;
 const MAX_RESPONSE_HEADERS: usize = 64;
 
 /// Response headers relayed to the client; the rest are dropped.

@@ -37,8 +37,10 @@ const OWN_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 0, 8);
 const OWN_V6: Ipv6Addr = Ipv6Addr::new(0x100, 0, 0, 0, 0, 0, 0, 8);
 /// Largest packet the stack handles (the divert TUN's MTU).
 const MTU: usize = 65535;
-const RX_BUFFER: usize = 16 * 1024;
-const TX_BUFFER: usize = 64 * 1024;
+/// Socket buffers per connection: small, since the conversation reads a head progressively
+/// and keeps the rest of an answer in its outbox (bounded memory under many connections).
+const RX_BUFFER: usize = 4 * 1024;
+const TX_BUFFER: usize = 16 * 1024;
 /// A connection that neither sends nor acknowledges for this long is dropped by smoltcp.
 const TCP_TIMEOUT: Duration = Duration::from_secs(60);
 
