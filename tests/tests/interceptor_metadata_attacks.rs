@@ -252,3 +252,61 @@ fn garbage_is_reset_and_its_log_lines_are_rate_limited() {
     );
     assert!(bed.server_log().is_empty());
 }
+
+#[test]
+fn one_user_holding_many_connections_is_capped_and_others_still_served() {
+    let bed = MetadataBed::new();
+    let agent = bed.attach(&example_policy("metadata.toml"), &[]);
+    // uid 1000 opens 40 connections with unfinished heads and holds them; connections past
+    // the per-uid cap (32) are reset at once. Meanwhile uid 1001 is served.
+    let script = format!(
+        "import socket, time, json\n\
+         held, refused = [], 0\n\
+         for i in range(40):\n\
+         \x20   try:\n\
+         \x20       s = socket.create_connection(('{IMDS_V4}', 80), timeout=2)\n\
+         \x20       s.sendall(b'GET /latest/meta-data/instance-id HTTP/1.1\\r\\n')\n\
+         \x20       held.append(s)\n\
+         \x20   except (ConnectionRefusedError, ConnectionResetError):\n\
+         \x20       refused += 1\n\
+         time.sleep(0.5)\n\
+         for s in held:\n\
+         \x20   s.settimeout(0.2)\n\
+         \x20   try:\n\
+         \x20       if s.recv(1) == b'':\n\
+         \x20           refused += 1\n\
+         \x20   except ConnectionResetError:\n\
+         \x20       refused += 1\n\
+         \x20   except socket.timeout:\n\
+         \x20       pass\n\
+         print(json.dumps({{'refused': refused}}))\n\
+         import sys; sys.stdout.flush(); time.sleep(3)\n"
+    );
+    let path = bed.scratch.path().join("hold.py");
+    std::fs::write(&path, script).expect("script");
+    let mut holder = bed.client.command("setpriv");
+    holder
+        .args([
+            "--reuid=1000",
+            "--regid=1000",
+            "--clear-groups",
+            "/usr/bin/python3",
+        ])
+        .arg(&path)
+        .stdout(std::process::Stdio::piped());
+    let child = holder.spawn().expect("holder runs");
+    std::thread::sleep(Duration::from_millis(1500));
+    let other = bed.fetch(
+        Some(1001),
+        &format!("http://{IMDS_V4}/latest/meta-data/instance-id"),
+    );
+    assert!(
+        other.ok(),
+        "another user is served while uid 1000 is capped: {other:?}"
+    );
+    let out = child.wait_with_output().expect("holder exits");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: serde_json::Value =
+        serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("{e}: {text:?}"));
+    assert_eq!(v["refused"], 8, "{text}\n{}", agent.log_text());
+}
