@@ -177,6 +177,8 @@ pub struct Metrics {
     pub bells_rung: AtomicU64,
     pub egress_buffer_bytes: AtomicU64,
     rules: RwLock<Vec<RuleCounter>>,
+    /// The divert path's counters (the metadata proxy's among them).
+    pub divert: std::sync::Arc<crate::interceptor::divert::counters::DivertStats>,
 }
 
 impl Metrics {
@@ -437,6 +439,7 @@ impl Metrics {
                 let _ = writeln!(out, "{name}{{rule=\"{rule}\"}} {}", pick(r));
             }
         }
+        self.divert.render(&mut out);
         out
     }
 }

@@ -69,12 +69,11 @@ fn other_users_get_instance_id_but_are_reset_on_iam_within_a_second() {
     }
     let log = agent.log_text();
     assert!(log.contains("HTTP request judged"), "{log}");
-    assert!(log.contains("action=reset"), "{log}");
-    // The allowed requests went through the agent too (judged, then reinjected).
-    assert!(
-        log.contains("path=/latest/meta-data/instance-id action=allow"),
-        "{log}"
-    );
+    assert!(log.contains("verdict=reset"), "{log}");
+    // The allowed requests went through the agent too (judged, then rebuilt and sent).
+    assert!(log.contains("path=/latest/meta-data/instance-id"), "{log}");
+    assert!(log.contains("verdict=allow"), "{log}");
+    bed.assert_server_saw_no_iam();
 }
 
 #[test]
@@ -165,6 +164,15 @@ fn rule_counters_are_exported_with_rule_names() {
         text.contains("hoshino_rule_bytes_total{rule=\"imds-users\"}"),
         "{text}"
     );
+    // The proxy's own counters: one terminated connection, one allowed request.
+    assert!(
+        text.contains("hoshino_divert_connections_total 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("hoshino_divert_requests_total{verdict=\"allow\"} 1"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -194,22 +202,34 @@ fn each_request_on_a_kept_alive_connection_is_judged() {
 }
 
 #[test]
-fn request_line_spanning_several_segments_is_reassembled() {
+fn a_request_head_spanning_several_segments_is_reassembled() {
     let bed = MetadataBed::new();
     let agent = bed.attach(&example_policy("metadata.toml"), &[]);
-    // A 4,000-byte query makes the request line longer than one segment (MSS 1,448 here).
-    let pad = "a".repeat(4000);
-    let f = bed.fetch(
-        Some(1000),
-        &imds_url(false, &format!("/latest/meta-data/instance-id?{pad}")),
-    );
-    assert!(f.ok(), "{f:?}\n{}", agent.log_text());
-    assert_eq!(f.body, INSTANCE_ID);
-    let f = bed.fetch(
-        Some(1000),
-        &imds_url(true, &format!("/latest/meta-data/iam/info?{pad}")),
-    );
-    assert_eq!(f.code, 56, "{f:?}");
+    // A 4,000-byte header makes the head longer than one segment (MSS 1,448 here); the
+    // header itself is dropped from the rebuilt request.
+    let pad = format!("X-Pad: {}", "a".repeat(4000));
+    let fetch = |v6: bool, path: &str| {
+        let mut cmd = bed.client.command("setpriv");
+        cmd.args([
+            "--reuid=1000",
+            "--regid=1000",
+            "--clear-groups",
+            "curl",
+            "-sS",
+            "-m",
+            "5",
+            "-H",
+            &pad,
+        ])
+        .arg(imds_url(v6, path));
+        hoshino_tests::command::output(&mut cmd).expect("curl runs")
+    };
+    let out = fetch(false, "/latest/meta-data/instance-id");
+    assert!(out.status.success(), "{out:?}\n{}", agent.log_text());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), INSTANCE_ID);
+    let out = fetch(true, "/latest/meta-data/iam/info");
+    assert_eq!(out.status.code(), Some(56), "{out:?}");
+    bed.assert_server_saw_no_iam();
 }
 
 /// The classifier's aya-log records reach the agent's own log (target `hoshino_ebpf`) at debug

@@ -10,7 +10,7 @@ use hoshino_common::{FlowKey, FlowValue};
 use tokio::sync::watch;
 
 use super::divert::device::{DeviceError, DivertTun, Reinjector};
-use super::divert::service::{self, DivertStats, FlowLookup, PolicySets};
+use super::divert::service::{self, DivertContext, FlowLookup, PolicySets};
 use super::{Classifier, ClassifierOptions, Direction, InterceptorError, forward_logs};
 use crate::cli::{CliError, ConfigFile, TunnelArgs};
 use crate::metrics::{Metrics, RuleCounter};
@@ -115,6 +115,13 @@ impl FlowLookup for ClassifierFlows {
     fn lookup(&self, key: &FlowKey) -> Option<FlowValue> {
         let classifier = self.0.lock().unwrap_or_else(|p| p.into_inner());
         classifier.flow(key).ok().flatten()
+    }
+
+    fn forget(&self, key: &FlowKey) {
+        let mut classifier = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = classifier.remove_flow(key) {
+            tracing::debug!(error = %e, "deleting a flow entry");
+        }
     }
 }
 
@@ -236,14 +243,16 @@ async fn intercept(
         "interceptor attached"
     );
 
-    let stats = Arc::new(DivertStats::default());
     let (stop, stopped) = watch::channel(false);
     let divert_task = tokio::spawn(service::run(
         divert_tun.clone(),
-        reinjector,
-        policies.clone(),
-        Arc::new(ClassifierFlows(classifier.clone())),
-        stats.clone(),
+        DivertContext {
+            reinjector,
+            mark: args.reinject_mark,
+            policies: policies.clone(),
+            flows: Arc::new(ClassifierFlows(classifier.clone())),
+            stats: metrics.divert.clone(),
+        },
         stopped,
     ));
 

@@ -459,6 +459,16 @@ impl Classifier {
         }
     }
 
+    /// Deletes the recorded flow with this 5-tuple (the proxy's connection on it ended); a
+    /// missing entry is not an error.
+    pub fn remove_flow(&mut self, key: &FlowKey) -> Result<(), InterceptorError> {
+        let mut flows: HashMap<_, FlowKey, FlowValue> = self.map_mut(MAP_FLOWS)?;
+        match flows.remove(key) {
+            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(map_err(MAP_FLOWS)(e)),
+        }
+    }
+
     /// The classifier program, e.g. for `BPF_PROG_TEST_RUN` (`aya::programs::TestRun`).
     pub fn program(&mut self) -> Result<&mut SchedClassifier, InterceptorError> {
         self.ebpf

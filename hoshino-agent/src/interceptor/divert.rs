@@ -1,71 +1,65 @@
-//! Divert handling: packets the classifier redirected to the divert TUN are judged here and
-//! reinjected unchanged, dropped, or answered with resets.
+//! Divert handling: packets the classifier redirected to the divert TUN.
 //!
-//! - [`segment`]: one checked parse of a diverted packet.
-//! - [`http_stream`]: request framing of an HTTP/1.x client stream.
-//! - [`flows`]: per-flow decisions for `http` divert rules (sans-IO).
-//! - [`rst`]: TCP reset packets.
+//! Rules with an `http` section are terminated by the metadata proxy ([`super::proxy`]); no
+//! packet of theirs is forwarded. Plain `divert` rules are inspection without enforcement of
+//! content: their packets are reinjected unchanged (or dropped, `then = "drop"`).
+//!
+//! - [`segment`]: one checked parse of a diverted packet (its flow and TCP flags).
+//! - [`counters`]: the divert counters in the metrics.
 //! - [`device`]: the divert TUN and the raw reinjection sockets (I/O).
-//! - [`service`]: the loop tying them to the classifier's flow map (I/O).
+//! - [`service`]: the loop tying them, the proxy and the classifier's flow map (I/O).
 
+pub mod counters;
 pub mod device;
-pub mod flows;
-pub mod http_stream;
-pub mod rst;
 pub mod segment;
 pub mod service;
 
-#[cfg(test)]
-mod tests;
+use crate::policy::PacketAction;
 
-use std::time::Instant;
-
-use crate::policy::{DivertPolicy, PacketAction};
-
-pub use flows::{Decision, Effect, HttpFlows, Outcome};
 pub use segment::{FlowTuple, Segment, SegmentError};
 
-/// The sans-IO divert core: per-rule handling of diverted packets.
-#[derive(Debug, Default)]
-pub struct Diverter {
-    http: HttpFlows,
+/// What happens to a packet of a plain divert rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PacketOutcome {
+    Reinject(Vec<u8>),
+    Drop,
 }
 
-impl Diverter {
-    pub fn new() -> Self {
-        Self::default()
+/// Handles one packet of a plain divert rule (no `http` section).
+pub fn plain_divert(packet: Vec<u8>, action: PacketAction) -> PacketOutcome {
+    match action {
+        PacketAction::Reinject => PacketOutcome::Reinject(packet),
+        PacketAction::Drop => PacketOutcome::Drop,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packet_rules_reinject_or_drop_without_inspection() {
+        let packet = vec![0x45, 0, 0, 20];
+        assert_eq!(
+            plain_divert(packet.clone(), PacketAction::Reinject),
+            PacketOutcome::Reinject(packet.clone())
+        );
+        assert_eq!(
+            plain_divert(packet, PacketAction::Drop),
+            PacketOutcome::Drop
+        );
     }
 
-    /// Handles one diverted packet (already parsed into `segment`) under the divert policy of
-    /// the rule that diverted it; `uid` is the sending socket's owner per the classifier.
-    pub fn handle(
-        &mut self,
-        packet: Vec<u8>,
-        segment: &Segment,
-        divert: &DivertPolicy,
-        uid: Option<u32>,
-        now: Instant,
-    ) -> Outcome {
-        match divert {
-            DivertPolicy::Packets(PacketAction::Reinject) => Outcome {
-                effects: vec![Effect::Reinject(packet)],
-                ..Outcome::default()
-            },
-            DivertPolicy::Packets(PacketAction::Drop) => Outcome {
-                dropped: 1,
-                ..Outcome::default()
-            },
-            DivertPolicy::Http(http) => self.http.handle(packet, segment, http, uid, now),
-        }
-    }
-
-    /// Forgets idle flows; call periodically.
-    pub fn expire(&mut self, now: Instant) {
-        self.http.expire(now);
-    }
-
-    /// HTTP flows currently tracked.
-    pub fn tracked_flows(&self) -> usize {
-        self.http.len()
+    #[test]
+    fn malformed_packets_are_errors_not_panics() {
+        assert!(Segment::parse(&[]).is_err());
+        assert!(Segment::parse(&[0x45, 0, 0]).is_err());
+        let mut p = Vec::new();
+        etherparse::PacketBuilder::ipv4([10, 0, 0, 1], [169, 254, 169, 254], 64)
+            .tcp(40000, 80, 1, 64000)
+            .write(&mut p, b"GET / HTTP/1.1\r\n\r\n")
+            .expect("builds");
+        p.truncate(30);
+        assert!(Segment::parse(&p).is_err());
     }
 }

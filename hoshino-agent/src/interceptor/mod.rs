@@ -20,6 +20,7 @@ pub mod divert;
 mod from_policy;
 mod logs;
 mod object;
+pub mod proxy;
 mod tables;
 
 pub use classifier::{

@@ -16,7 +16,7 @@ pub enum Problem {
     UnknownProtocol(String),
     #[error("protocol number {0} is out of range, expected 0-255")]
     ProtocolOutOfRange(i64),
-    #[error("unknown http action `{0}`, expected one of allow, reset")]
+    #[error("unknown http action `{0}`, expected one of allow, reset, forbid")]
     UnknownHttpAction(String),
     #[error("unknown divert action `{0}`, expected one of reinject, drop")]
     UnknownPacketAction(String),
@@ -42,8 +42,10 @@ pub enum Problem {
     OnlyForDivert { key: &'static str, action: String },
     #[error("a divert rule takes either an `http` section or `then`, not both")]
     HttpAndThen,
-    #[error("http path prefix must start with `/`, got `{0}`")]
-    BadHttpPath(String),
+    #[error("http path prefix `{path}` is not a canonical path: {reason}")]
+    BadHttpPath { path: String, reason: String },
+    #[error("`{0}` is not an HTTP method, expected upper-case letters such as GET, HEAD or PUT")]
+    BadHttpMethod(String),
     #[error("the tunnel carries IPv6 only; `{0}` is an IPv4 prefix")]
     TunnelNeedsIpv6(String),
     #[error("too many rules: the classifier holds at most {max}")]

@@ -136,39 +136,85 @@ pub struct Located<T> {
 /// What the agent does with an HTTP request on a diverted flow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum HttpAction {
-    /// Reinject the flow's packets unchanged.
+    /// Send the rebuilt request to the server and relay its response.
     Allow,
-    /// Drop the request and reset the client's connection.
+    /// Refuse: reset the client's connection at once.
     Reset,
+    /// Refuse: answer `403 Forbidden` and close the connection.
+    Forbid,
 }
 
 impl HttpAction {
-    pub const NAMES: &'static str = "allow, reset";
+    pub const NAMES: &'static str = "allow, reset, forbid";
 
     pub fn from_name(name: &str) -> Option<Self> {
         match name {
             "allow" => Some(Self::Allow),
             "reset" => Some(Self::Reset),
+            "forbid" => Some(Self::Forbid),
             _ => None,
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Allow => "allow",
+            Self::Reset => "reset",
+            Self::Forbid => "forbid",
         }
     }
 }
 
 impl fmt::Display for HttpAction {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::Allow => "allow",
-            Self::Reset => "reset",
-        })
+        f.write_str(self.name())
     }
 }
+
+/// Methods a request entry matches when it names none.
+pub const DEFAULT_HTTP_METHODS: [&str; 2] = ["GET", "HEAD"];
 
 /// One `[[rule.http.request]]` entry: first match wins.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpRequestRule {
+    /// A canonical path (see `interceptor::proxy::canonical`); matched as a byte prefix of the
+    /// request's canonical path.
     pub path_prefix: String,
     pub uid: Option<UidRange>,
+    /// Upper-case method names; empty means [`DEFAULT_HTTP_METHODS`].
+    pub methods: Vec<String>,
+    /// Whether a request with a `?query` matches (queries are refused by default).
+    pub query: bool,
     pub action: HttpAction,
+}
+
+impl HttpRequestRule {
+    fn matches_method(&self, method: &str) -> bool {
+        if self.methods.is_empty() {
+            DEFAULT_HTTP_METHODS.contains(&method)
+        } else {
+            self.methods.iter().any(|m| m == method)
+        }
+    }
+
+    /// The methods as shown by `policy check`.
+    pub fn methods_text(&self) -> String {
+        if self.methods.is_empty() {
+            DEFAULT_HTTP_METHODS.join(",")
+        } else {
+            self.methods.join(",")
+        }
+    }
+}
+
+/// One request as the policy sees it: method, canonical path, whether it has a query, and the
+/// sending socket's uid (None if the kernel could not tell).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpQuestion<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    pub has_query: bool,
+    pub uid: Option<u32>,
 }
 
 /// Per-request decisions for a diverted HTTP flow.
@@ -179,20 +225,38 @@ pub struct HttpPolicy {
 }
 
 impl HttpPolicy {
-    /// The action for a request with this path (the request target, query included) sent by a
-    /// socket owned by `uid` (None if the kernel could not tell).
+    /// The action for a request with this path (canonical, without its query) sent by a socket
+    /// owned by `uid` (None if the kernel could not tell) with the default methods and no query.
     pub fn decide(&self, path: &str, uid: Option<u32>) -> HttpAction {
+        self.judge(&HttpQuestion {
+            method: "GET",
+            path,
+            has_query: false,
+            uid,
+        })
+        .0
+    }
+
+    /// The action for a request and the index of the entry that decided (None: the default).
+    pub fn judge(&self, q: &HttpQuestion<'_>) -> (HttpAction, Option<usize>) {
         self.requests
             .iter()
-            .find(|r| {
-                path.starts_with(&r.path_prefix)
-                    && match (r.uid, uid) {
+            .position(|r| {
+                q.path.starts_with(&r.path_prefix)
+                    && r.matches_method(q.method)
+                    && (r.query || !q.has_query)
+                    && match (r.uid, q.uid) {
                         (None, _) => true,
                         (Some(range), Some(uid)) => range.contains(uid),
                         (Some(_), None) => false,
                     }
             })
-            .map_or(self.default, |r| r.action)
+            .map_or((self.default, None), |i| (self.requests[i].action, Some(i)))
+    }
+
+    /// Whether any entry lets a query through (the canonical checker then accepts one).
+    pub fn allows_queries(&self) -> bool {
+        self.requests.iter().any(|r| r.query)
     }
 }
 

@@ -14,6 +14,7 @@ use super::model::{
     Policy, PortRange, Protocol, Rule, UidRange, Verdict,
 };
 use super::prefix::IpPrefix;
+use crate::interceptor::proxy::canonical::canonical_prefix;
 
 /// Longest rule name; names become Prometheus label values and table cells.
 pub const MAX_RULE_NAME: usize = 64;
@@ -55,6 +56,10 @@ struct RawHttp {
 struct RawHttpRequest {
     path: Spanned<String>,
     uid: Option<Spanned<NumberOrText>>,
+    method: Option<Spanned<String>>,
+    methods: Option<Vec<Spanned<String>>>,
+    #[serde(default)]
+    query: bool,
     action: Spanned<String>,
 }
 
@@ -308,14 +313,27 @@ fn parse_http(raw: RawHttp) -> Checked<HttpPolicy> {
     let default = action(&raw.default)?;
     let mut requests = Vec::with_capacity(raw.requests.len());
     for r in raw.requests {
-        if !r.path.get_ref().starts_with('/') {
+        if let Err(e) = canonical_prefix(r.path.get_ref()) {
             return Err((
                 r.path.span(),
-                Problem::BadHttpPath(r.path.get_ref().clone()),
+                Problem::BadHttpPath {
+                    path: r.path.get_ref().clone(),
+                    reason: e.to_string(),
+                },
             ));
+        }
+        let mut methods = Vec::new();
+        for m in r.method.iter().chain(r.methods.iter().flatten()) {
+            let name = m.get_ref();
+            if name.is_empty() || name.len() > 16 || !name.bytes().all(|b| b.is_ascii_uppercase()) {
+                return Err((m.span(), Problem::BadHttpMethod(name.clone())));
+            }
+            methods.push(name.clone());
         }
         requests.push(HttpRequestRule {
             uid: r.uid.as_ref().map(parse_uid_range).transpose()?,
+            methods,
+            query: r.query,
             action: action(&r.action)?,
             path_prefix: r.path.into_inner(),
         });

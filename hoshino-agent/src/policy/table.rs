@@ -77,10 +77,14 @@ pub fn render(compiled: &CompiledPolicy) -> String {
             Some(DivertPolicy::Http(http)) => {
                 for req in &http.requests {
                     let uid = req.uid.map_or(String::new(), |u| format!(" uid {u}"));
+                    let query = if req.query { " ?query" } else { "" };
                     let _ = writeln!(
                         out,
-                        "{:index_width$}    http {}{uid} -> {}",
-                        "", req.path_prefix, req.action
+                        "{:index_width$}    http {} {}{query}{uid} -> {}",
+                        "",
+                        req.methods_text(),
+                        req.path_prefix,
+                        req.action
                     );
                 }
                 let _ = writeln!(

@@ -241,16 +241,22 @@ fn http_requests_match_by_path_prefix_and_uid_in_order() {
             HttpRequestRule {
                 path_prefix: "/admin".into(),
                 uid: Some(model::UidRange { lo: 0, hi: 0 }),
+                methods: vec![],
+                query: false,
                 action: HttpAction::Allow,
             },
             HttpRequestRule {
                 path_prefix: "/admin".into(),
                 uid: None,
+                methods: vec![],
+                query: false,
                 action: HttpAction::Reset,
             },
             HttpRequestRule {
                 path_prefix: "/".into(),
                 uid: None,
+                methods: vec![],
+                query: false,
                 action: HttpAction::Allow,
             },
         ],
@@ -429,14 +435,66 @@ fn http_section_is_only_for_tcp_divert_rules() {
         "[[rule]]\nname = \"a\"\nprotocol = \"tcp\"\ndport = 80\naction = \"divert\"\n[rule.http]\ndefault = \"deny\"\n",
     );
     assert!(
-        e.starts_with("p.toml:7:11: unknown http action `deny`, expected one of allow, reset"),
+        e.starts_with(
+            "p.toml:7:11: unknown http action `deny`, expected one of allow, reset, forbid"
+        ),
         "{e}"
     );
     let e = error(
         "[[rule]]\nname = \"a\"\nprotocol = \"tcp\"\ndport = 80\naction = \"divert\"\n[rule.http]\ndefault = \"reset\"\n[[rule.http.request]]\npath = \"latest\"\naction = \"allow\"\n",
     );
     assert!(
-        e.starts_with("p.toml:9:8: http path prefix must start with `/`"),
+        e.starts_with("p.toml:9:8: http path prefix `latest` is not a canonical path"),
+        "{e}"
+    );
+}
+
+#[test]
+fn http_requests_match_by_method_and_query_permission() {
+    let c = compiled(
+        "[[rule]]\nname = \"a\"\nprotocol = \"tcp\"\ndport = 80\naction = \"divert\"\n[rule.http]\ndefault = \"reset\"\n[[rule.http.request]]\npath = \"/latest/api/token\"\nmethod = \"PUT\"\naction = \"allow\"\n[[rule.http.request]]\npath = \"/latest/dynamic/\"\nquery = true\naction = \"allow\"\n[[rule.http.request]]\npath = \"/latest/\"\nmethods = [\"GET\"]\naction = \"forbid\"\n",
+    );
+    let Some(DivertPolicy::Http(http)) = &c.policy.rules[0].divert else {
+        panic!("an http rule");
+    };
+    let q = |method, path, has_query| {
+        http.judge(&model::HttpQuestion {
+            method,
+            path,
+            has_query,
+            uid: Some(1000),
+        })
+    };
+    assert_eq!(
+        q("PUT", "/latest/api/token", false),
+        (HttpAction::Allow, Some(0))
+    );
+    // GET of the token path is not the PUT entry; it falls to the forbid entry.
+    assert_eq!(
+        q("GET", "/latest/api/token", false),
+        (HttpAction::Forbid, Some(2))
+    );
+    assert_eq!(
+        q("HEAD", "/latest/dynamic/x", true),
+        (HttpAction::Allow, Some(1))
+    );
+    // A query only matches entries that allow one.
+    assert_eq!(q("GET", "/latest/meta", true), (HttpAction::Reset, None));
+    assert_eq!(q("POST", "/latest/meta", false), (HttpAction::Reset, None));
+    assert!(http.allows_queries());
+}
+
+#[test]
+fn http_path_prefixes_and_methods_must_be_canonical() {
+    let e = error(
+        "[[rule]]\nname = \"a\"\nprotocol = \"tcp\"\ndport = 80\naction = \"divert\"\n[rule.http]\ndefault = \"reset\"\n[[rule.http.request]]\npath = \"/latest/../iam\"\naction = \"allow\"\n",
+    );
+    assert!(e.starts_with("p.toml:9:8: http path prefix `/latest/../iam` is not a canonical path: the target has a dot segment"), "{e}");
+    let e = error(
+        "[[rule]]\nname = \"a\"\nprotocol = \"tcp\"\ndport = 80\naction = \"divert\"\n[rule.http]\ndefault = \"reset\"\n[[rule.http.request]]\npath = \"/latest/\"\nmethods = [\"GET\", \"put\"]\naction = \"allow\"\n",
+    );
+    assert!(
+        e.starts_with("p.toml:10:19: `put` is not an HTTP method"),
         "{e}"
     );
 }
@@ -499,7 +557,7 @@ fn check_table_lists_rules_in_order_with_http_decisions() {
     let lines: Vec<&str> = text.lines().collect();
     assert!(lines[0].starts_with("#  rule"), "{text}");
     assert!(
-        text.contains("http /latest/meta-data/iam/ -> reset"),
+        text.contains("http GET,HEAD /latest/meta-data/iam/ -> reset"),
         "{text}"
     );
     assert!(text.contains("http otherwise -> reset"), "{text}");

@@ -54,6 +54,16 @@ enum Probe {
         #[arg(long)]
         listen: SocketAddr,
     },
+    /// `count` sequential HTTP GETs, each on a fresh connection; prints `median_us N` and
+    /// `p90_us N` of the time from connect to the end of the response.
+    HttpGet {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        path: String,
+        #[arg(long, default_value_t = 200)]
+        count: usize,
+    },
 }
 
 fn main() -> ExitCode {
@@ -72,6 +82,7 @@ fn main() -> ExitCode {
         ),
         Probe::TcpSend { to, bytes } => tcp_send(to, bytes),
         Probe::TcpRecv { listen } => tcp_recv(listen),
+        Probe::HttpGet { to, path, count } => http_get(to, &path, count),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -208,5 +219,37 @@ fn tcp_recv(listen: SocketAddr) -> std::io::Result<()> {
     let seconds = start.elapsed().as_secs_f64();
     drop(stream);
     println!("bytes {total} seconds {seconds:.6}");
+    Ok(())
+}
+
+fn http_get(to: SocketAddr, path: &str, count: usize) -> std::io::Result<()> {
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n",
+        to.ip()
+    );
+    let mut times = Vec::with_capacity(count);
+    for _ in 0..count {
+        let start = Instant::now();
+        let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(5))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        stream.write_all(request.as_bytes())?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response)?;
+        times.push(start.elapsed());
+        if !response.starts_with(b"HTTP/1.1 200") && !response.starts_with(b"HTTP/1.0 200") {
+            return Err(std::io::Error::other(format!(
+                "not a 200: {}",
+                String::from_utf8_lossy(&response[..response.len().min(80)])
+            )));
+        }
+    }
+    times.sort();
+    let at = |q: f64| {
+        times
+            .get(((times.len() as f64 - 1.0) * q) as usize)
+            .map_or(0, |d| d.as_micros())
+    };
+    println!("median_us {}", at(0.5));
+    println!("p90_us {}", at(0.9));
     Ok(())
 }

@@ -23,6 +23,11 @@ pub const IMDS_V6: &str = "fd00:ec2::254";
 pub const INSTANCE_ID: &str = "i-0123456789abcdef0";
 pub const CREDENTIALS: &str = "hoshino-test-role";
 pub const METRICS_PORT: u16 = 9464;
+/// The "container" namespace and the host side of its link (see [`MetadataBed::add_container`]).
+pub const CTR_V4: &str = "10.233.0.2";
+pub const CTR_HOST_V4: &str = "10.233.0.1";
+pub const CTR_V6: &str = "fd00:233::2";
+pub const CTR_HOST_V6: &str = "fd00:233::1";
 
 /// The repository root (examples live there).
 pub fn repo_root() -> PathBuf {
@@ -43,6 +48,33 @@ pub struct MetadataBed {
     pub client: Namespace,
     pub imds: Namespace,
     pub scratch: ScratchDir,
+    log_path: PathBuf,
+}
+
+/// A file next to this module (the fake server and the raw client).
+pub fn support_file(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/interceptor_support")
+        .join(name)
+}
+
+/// What `raw_client.py` saw.
+#[derive(Debug, Clone)]
+pub struct RawAnswer {
+    pub reset: bool,
+    pub timeout: bool,
+    pub data: String,
+    pub elapsed: Duration,
+}
+
+impl RawAnswer {
+    /// The server's answer was relayed: an HTTP status line came back.
+    pub fn status(&self) -> Option<u16> {
+        self.data
+            .strip_prefix("HTTP/1.1 ")
+            .and_then(|r| r.get(..3))
+            .and_then(|c| c.parse().ok())
+    }
 }
 
 /// What a `curl` run returned.
@@ -115,26 +147,17 @@ impl MetadataBed {
             ])
             .expect("route v6");
 
-        let root = scratch.path().join("www");
-        let meta = root.join("latest/meta-data");
-        for (path, body) in [
-            ("instance-id", INSTANCE_ID),
-            ("placement/availability-zone", "eu-test-1a"),
-            ("iam/security-credentials/index.html", CREDENTIALS),
-            ("iam/info", "{\"Code\":\"Success\"}"),
-        ] {
-            let file = meta.join(path);
-            std::fs::create_dir_all(file.parent().expect("has parent")).expect("mkdir");
-            std::fs::write(&file, body).expect("write fixture");
-        }
-        let log = File::create(scratch.path().join("imds-server.log")).expect("server log");
+        let log_path = scratch.path().join("imds-requests.log");
+        std::fs::write(&log_path, "").expect("request log");
+        let out = File::create(scratch.path().join("imds-server.log")).expect("server log");
         let child = imds
             .command("python3")
-            .args(["-m", "http.server", "80", "--bind", "::", "--directory"])
-            .arg(&root)
+            .arg(support_file("fake_imds.py"))
+            .arg("80")
+            .arg(&log_path)
             .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log fd"))
-            .stderr(log)
+            .stdout(out.try_clone().expect("log fd"))
+            .stderr(out)
             .spawn()
             .expect("start the fake metadata server");
         let bed = Self {
@@ -142,8 +165,11 @@ impl MetadataBed {
             client,
             imds,
             scratch,
+            log_path,
         };
         bed.wait_for_server();
+        // The readiness probe is not part of any test.
+        std::fs::write(&bed.log_path, "").expect("clear the request log");
         bed
     }
 
@@ -172,10 +198,15 @@ impl MetadataBed {
 
     /// `curl URL` in the client namespace as `uid` (root if None), 5 s limit.
     pub fn fetch(&self, uid: Option<u32>, url: &str) -> Fetch {
+        self.curl_in(&self.client, uid, &[url])
+    }
+
+    /// `curl -sS -g -m 5 ARGS` in `ns` as `uid` (root if None).
+    pub fn curl_in(&self, ns: &Namespace, uid: Option<u32>, args: &[&str]) -> Fetch {
         let mut cmd = match uid {
-            None => self.client.command("curl"),
+            None => ns.command("curl"),
             Some(uid) => {
-                let mut c = self.client.command("setpriv");
+                let mut c = ns.command("setpriv");
                 c.args([
                     &format!("--reuid={uid}"),
                     &format!("--regid={uid}"),
@@ -185,7 +216,7 @@ impl MetadataBed {
                 c
             }
         };
-        cmd.args(["-sS", "-g", "-m", "5", url]);
+        cmd.args(["-sS", "-g", "-m", "5"]).args(args);
         let start = Instant::now();
         let out = command::output(&mut cmd).expect("curl runs");
         Fetch {
@@ -194,6 +225,127 @@ impl MetadataBed {
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
             elapsed: start.elapsed(),
         }
+    }
+
+    /// A "container": a third namespace routed through the client namespace (the host) and
+    /// masqueraded there onto its `eth0`, for IPv4 and IPv6, as Docker's default bridge does.
+    pub fn add_container(&self) -> Namespace {
+        let ctr = Namespace::create("mdk").expect("container namespace");
+        self.client
+            .ip(&[
+                "link",
+                "add",
+                "ctr0",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                ctr.name(),
+            ])
+            .expect("container veth");
+        for (ns, dev, v4, v6) in [
+            (&self.client, "ctr0", CTR_HOST_V4, CTR_HOST_V6),
+            (&ctr, "eth0", CTR_V4, CTR_V6),
+        ] {
+            ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", dev])
+                .expect("v4");
+            ns.ip(&["addr", "add", &format!("{v6}/64"), "dev", dev, "nodad"])
+                .expect("v6");
+            ns.ip(&["link", "set", dev, "up"]).expect("up");
+        }
+        ctr.ip(&["route", "add", "default", "via", CTR_HOST_V4])
+            .expect("v4 default");
+        ctr.ip(&["-6", "route", "add", "default", "via", CTR_HOST_V6])
+            .expect("v6 default");
+        for key in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
+            self.client
+                .run("sysctl", &["-qw", key])
+                .expect("forwarding");
+        }
+        let rules = self.scratch.path().join("masquerade.nft");
+        std::fs::write(
+            &rules,
+            "table ip hoshino_test_nat {\n chain post {\n  type nat hook postrouting priority 100;\n  oifname \"eth0\" masquerade\n }\n}\n\
+             table ip6 hoshino_test_nat {\n chain post {\n  type nat hook postrouting priority 100;\n  oifname \"eth0\" masquerade\n }\n}\n",
+        )
+        .expect("nft rules");
+        let out =
+            command::output(self.client.command("nft").arg("-f").arg(&rules)).expect("nft runs");
+        assert!(
+            out.status.success(),
+            "nft: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        ctr
+    }
+
+    /// Request lines the fake metadata server received, in order.
+    pub fn server_log(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.log_path)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Asserts that the server never received a request for an `iam/` path (however spelt:
+    /// the test requests are the only ones that mention `iam` at all).
+    pub fn assert_server_saw_no_iam(&self) {
+        let log = self.server_log();
+        let bad: Vec<&String> = log
+            .iter()
+            .filter(|l| {
+                let l = l.to_ascii_lowercase();
+                l.contains("iam") || l.contains("%69") || l.contains("%61") || l.contains("%6d")
+            })
+            .collect();
+        assert!(
+            bad.is_empty(),
+            "the server received refused requests: {bad:?}\nfull log: {log:?}"
+        );
+    }
+
+    /// Runs `raw_client.py` in `ns` as `uid` (root if None) with the JSON request `spec`.
+    pub fn raw_in(&self, ns: &Namespace, uid: Option<u32>, spec: &serde_json::Value) -> RawAnswer {
+        let script = support_file("raw_client.py");
+        // The system interpreter: a per-user one (pyenv under /root) is not readable by
+        // other users.
+        let python = "/usr/bin/python3";
+        let mut cmd = match uid {
+            None => ns.command(python),
+            Some(uid) => {
+                let mut c = ns.command("setpriv");
+                c.args([
+                    &format!("--reuid={uid}"),
+                    &format!("--regid={uid}"),
+                    "--clear-groups",
+                    python,
+                ]);
+                c
+            }
+        };
+        cmd.arg(script).arg(spec.to_string());
+        let out = command::output(&mut cmd).expect("raw client runs");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap_or_else(|e| {
+            panic!(
+                "raw client output {text:?} ({e}); stderr {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        RawAnswer {
+            reset: v["reset"].as_bool().unwrap_or(false),
+            timeout: v["timeout"].as_bool().unwrap_or(false),
+            data: v["data"].as_str().unwrap_or_default().to_string(),
+            elapsed: Duration::from_secs_f64(v["elapsed"].as_f64().unwrap_or(0.0)),
+        }
+    }
+
+    /// [`Self::raw_in`] in the client namespace.
+    pub fn raw(&self, uid: Option<u32>, spec: &serde_json::Value) -> RawAnswer {
+        self.raw_in(&self.client, uid, spec)
     }
 
     /// A copy of `policy` in the scratch directory (so a test may rewrite it).
