@@ -177,6 +177,8 @@ pub struct Metrics {
     pub bells_rung: AtomicU64,
     pub egress_buffer_bytes: AtomicU64,
     rules: RwLock<Vec<RuleCounter>>,
+    classifier_flow_table_full: AtomicU64,
+    classifier_no_redirect_target: AtomicU64,
 }
 
 impl Metrics {
@@ -260,6 +262,14 @@ impl Metrics {
         if let Ok(mut r) = self.rules.write() {
             *r = rules;
         }
+    }
+
+    /// Sets the classifier's own drop counters (snapshots summed over CPUs from its maps).
+    pub fn set_classifier_drops(&self, flow_table_full: u64, no_redirect_target: u64) {
+        self.classifier_flow_table_full
+            .store(flow_table_full, Relaxed);
+        self.classifier_no_redirect_target
+            .store(no_redirect_target, Relaxed);
     }
 
     pub fn render(&self) -> String {
@@ -418,6 +428,13 @@ impl Metrics {
             "Doorbell PUTs made to wake idle receivers.",
             self.bells_rung.load(Relaxed),
         );
+        let name = "hoshino_classifier_drops_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Packets the classifier dropped besides drop rules: a new divert flow refused by the full flow table, or a redirect without a target.\n# TYPE {name} counter\n{name}{{reason=\"flow_table_full\"}} {}\n{name}{{reason=\"no_redirect_target\"}} {}",
+            self.classifier_flow_table_full.load(Relaxed),
+            self.classifier_no_redirect_target.load(Relaxed),
+        );
         let rules = self.rules.read().map(|r| r.clone()).unwrap_or_default();
         for (name, help, pick) in [
             (
@@ -468,6 +485,7 @@ mod tests {
             "hoshino_heartbeat_interval_seconds",
             "hoshino_heartbeat_idle",
             "hoshino_bundles_rejected_total",
+            "hoshino_classifier_drops_total",
             "hoshino_estimated_cost_dollars_total",
             "hoshino_rule_packets_total",
             "hoshino_rule_bytes_total",

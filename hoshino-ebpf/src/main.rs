@@ -15,12 +15,13 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use hoshino_common::{
-    CONFIG_ENABLED, CONFIG_L3_INTERFACE, CONFIG_LOG_VERDICTS, Config, DEFAULT_SLOT, FlowKey,
-    FlowValue, MAP_SETS, Verdict, stats_index,
+    CONFIG_ENABLED, CONFIG_L3_INTERFACE, CONFIG_LOG_VERDICTS, Config, DEFAULT_SLOT,
+    EVENT_FLOW_TABLE_FULL, EVENT_NO_REDIRECT_TARGET, FlowKey, FlowValue, MAP_SETS, Verdict,
+    stats_index,
 };
 
 use crate::{
-    maps::{CONFIG, FLOWS, SETS, STATS},
+    maps::{CONFIG, EVENTS, FLOWS, SETS, STATS},
     parse::{Packet, parse},
     select::select_rule,
 };
@@ -90,17 +91,37 @@ fn apply(config: &Config, verdict: Verdict, set: u32, slot: u32, pkt: &Packet, u
         Verdict::Divert => config.divert_ifindex,
     };
     if ifindex == 0 {
+        event(EVENT_NO_REDIRECT_TARGET);
         return TC_ACT_SHOT as i32;
     }
-    record_flow(verdict, set, slot, pkt, uid);
+    // Only diverted flows are recorded: the agent decides them per uid; tunnel traffic needs no
+    // entry and must not take the room of those that do.
+    if verdict == Verdict::Divert && !record_flow(verdict, set, slot, pkt, uid) {
+        event(EVENT_FLOW_TABLE_FULL);
+        return TC_ACT_SHOT as i32;
+    }
     // SAFETY: plain helper call; it only records the target for after the program returns.
+    // While the agent is down its TUN is gone and the kernel drops what is redirected there.
     unsafe { bpf_redirect(ifindex, 0) as i32 }
 }
 
 #[inline(always)]
-fn record_flow(verdict: Verdict, set: u32, slot: u32, pkt: &Packet, uid: u32) {
+fn event(slot: u32) {
+    if let Some(count) = EVENTS.get_ptr_mut(slot) {
+        // SAFETY: per-CPU slot, only this CPU writes it while the program runs.
+        unsafe { *count += 1 };
+    }
+}
+
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+
+/// Records the packet's flow; false if it is a new flow and the table is full (refused).
+#[inline(always)]
+fn record_flow(verdict: Verdict, set: u32, slot: u32, pkt: &Packet, uid: u32) -> bool {
     if pkt.family == 0 {
-        return;
+        // No tuple to record: the agent finds no flow for it and drops it.
+        return true;
     }
     let key = FlowKey {
         src: pkt.src,
@@ -111,17 +132,31 @@ fn record_flow(verdict: Verdict, set: u32, slot: u32, pkt: &Packet, uid: u32) {
         family: pkt.family,
         _pad: [0; 2],
     };
+    // SAFETY: plain helper call.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let opens = pkt.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    if !opens && let Some(entry) = FLOWS.get_ptr_mut(&key) {
+        // SAFETY: a valid map value; concurrent writers only race on whole u32/u64 fields.
+        let entry = unsafe { &mut *entry };
+        entry.uid = uid;
+        entry.rule = slot;
+        entry.verdict = verdict as u8;
+        entry.set = set as u8;
+        entry.last_seen_ns = now;
+        return true;
+    }
     let value = FlowValue {
         uid,
         rule: slot,
         verdict: verdict as u8,
         set: set as u8,
         _pad: [0; 6],
-        // SAFETY: plain helper call.
-        last_seen_ns: unsafe { bpf_ktime_get_ns() },
+        last_seen_ns: now,
+        started_ns: now,
     };
-    // A full LRU map evicts the oldest flow; a failed insert only costs the agent the uid.
-    let _ = FLOWS.insert(&key, &value, 0);
+    // BPF_ANY: a SYN on a recorded tuple replaces the old flow; a new key in a full table fails
+    // (E2BIG) and the flow is refused, so no live flow is ever evicted.
+    FLOWS.insert(&key, &value, 0).is_ok()
 }
 
 #[cfg(not(test))]

@@ -16,16 +16,23 @@
 
 pub mod attach_cmd;
 mod classifier;
+pub mod detach_cmd;
 pub mod divert;
+mod flow_table;
 mod from_policy;
 mod logs;
 mod object;
+mod pin;
 mod tables;
 
 pub use classifier::{
-    AttachMode, Attachment, Classifier, ClassifierOptions, Direction, InterceptorError,
-    RuleCounters, flow_key,
+    Adoption, AttachMode, Attachment, Classifier, ClassifierEvents, ClassifierOptions, Direction,
+    InterceptorError, RuleCounters, detach_pinned, flow_key,
 };
+pub use flow_table::{
+    FLOW_IDLE_TIMEOUT, FLOW_SWEEP_EVERY, FlowTable, idle_flows, monotonic_now_ns,
+};
+pub use pin::{DEFAULT_PIN_ROOT, PINNED_MAPS, PinDir, PinError, object_digest};
 pub use from_policy::set_tables;
 pub use logs::{TracingLog, forward_logs};
 pub use object::CLASSIFIER_OBJECT;

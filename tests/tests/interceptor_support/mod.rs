@@ -9,6 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use hoshino_tests::binaries;
+use hoshino_tests::bpffs::PinRoot;
 use hoshino_tests::command;
 use hoshino_tests::netns::Namespace;
 use hoshino_tests::process::Spawned;
@@ -43,6 +44,8 @@ pub struct MetadataBed {
     pub client: Namespace,
     pub imds: Namespace,
     pub scratch: ScratchDir,
+    /// The agents' `--pin-dir` (shared by every agent of this bed, so a restart adopts).
+    pub pins: PinRoot,
 }
 
 /// What a `curl` run returned.
@@ -142,6 +145,7 @@ impl MetadataBed {
             client,
             imds,
             scratch,
+            pins: PinRoot::create("imds").expect("test bpffs"),
         };
         bed.wait_for_server();
         bed
@@ -203,9 +207,51 @@ impl MetadataBed {
         dest
     }
 
-    /// Starts `hoshino-agent attach` on the client's `eth0` and waits until it is attached.
+    /// Starts `hoshino-agent attach` on the client's `eth0` (pinned under [`Self::pins`]) and
+    /// waits until it is attached.
     pub fn attach(&self, policy: &Path, extra: &[&str]) -> AttachedAgent {
-        AttachedAgent::start(&self.client, self.scratch.path(), "eth0", policy, extra)
+        let pin_dir = self.pins.path().display().to_string();
+        let mut args = vec!["--pin-dir", pin_dir.as_str()];
+        args.extend_from_slice(extra);
+        AttachedAgent::start(&self.client, self.scratch.path(), "eth0", policy, &args)
+    }
+
+    /// `hoshino-agent detach --interface eth0` in the client namespace, with this bed's pins.
+    pub fn detach(&self) -> std::process::Output {
+        command::output(
+            self.client
+                .command(binaries::agent().expect("hoshino-agent binary"))
+                .args(["detach", "--interface", "eth0", "--pin-dir"])
+                .arg(self.pins.path()),
+        )
+        .expect("hoshino-agent detach runs")
+    }
+
+    /// TCX programs attached at the client's `eth0` egress, as `bpftool` would list them:
+    /// ids of the programs (read with aya's TCX query inside the namespace).
+    pub fn egress_tcx_programs(&self) -> usize {
+        let path = format!("/var/run/netns/{}", self.client.name());
+        std::thread::spawn(move || {
+            let file = File::open(&path).expect("open netns");
+            // SAFETY: plain setns on a valid namespace fd; affects only this thread.
+            let rc = unsafe {
+                libc::setns(
+                    std::os::fd::AsRawFd::as_raw_fd(&file),
+                    libc::CLONE_NEWNET,
+                )
+            };
+            assert_eq!(rc, 0, "setns {path}");
+            aya::programs::SchedClassifier::query_tcx("eth0", aya::programs::TcAttachType::Egress)
+                .map(|(_, programs)| programs.len())
+                .expect("query TCX")
+        })
+        .join()
+        .expect("query thread")
+    }
+
+    /// The pin directory of the client's `eth0`.
+    pub fn pin_dir(&self) -> PathBuf {
+        self.pins.path().join("eth0")
     }
 
     /// The client's clsact filters on eth0 egress (a TCX link shows up in the tests as
@@ -234,6 +280,9 @@ impl MetadataBed {
 pub struct AttachedAgent {
     process: Spawned,
     log: PathBuf,
+    /// A pin root of this agent's own when the caller gave no `--pin-dir` (removed after the
+    /// process is gone, so nothing stays attached).
+    own_pins: Option<PinRoot>,
 }
 
 pub const READY_LINE: &str = "interceptor attached";
@@ -265,11 +314,20 @@ impl AttachedAgent {
         let out = File::create(&log).expect("agent log");
         let err = out.try_clone().expect("agent log fd");
         let mut cmd = ns.command(binaries::agent().expect("hoshino-agent binary"));
+        let own_pins = if extra.contains(&"--pin-dir") {
+            None
+        } else {
+            Some(PinRoot::create("agent").expect("test bpffs"))
+        };
         cmd.arg("attach")
             .args(["--interface", interface])
             .arg("--policy")
             .arg(policy)
-            .args(extra)
+            .args(extra);
+        if let Some(pins) = &own_pins {
+            cmd.arg("--pin-dir").arg(pins.path());
+        }
+        cmd
             .env("NO_COLOR", "1")
             .env(
                 "RUST_LOG",
@@ -283,6 +341,7 @@ impl AttachedAgent {
         let mut agent = Self {
             process: Spawned::new("hoshino-agent attach", child),
             log,
+            own_pins,
         };
         agent.wait_for_log(READY_LINE, 1, Duration::from_secs(30));
         agent
