@@ -162,6 +162,8 @@ fn kill_9_fails_closed_and_a_restarted_agent_adopts_the_pinned_classifier() {
     let bed = MetadataBed::new();
     let mut agent = bed.attach(&example_policy("metadata.toml"), &[]);
     assert!(agent.log_text().contains("adoption=Some(Fresh)"), "{}", agent.log_text());
+    let divert_tun = bed.client.ip(&["-o", "link", "show", "hoshinodv0"]).expect("divert TUN");
+    assert!(divert_tun.contains("qlen 10000"), "queue sized for bursts: {divert_tun}");
     assert_eq!(iam_as_user(&bed).code, 56);
     assert!(instance_id_as(&bed, Some(1000)).ok());
     agent.signal(libc::SIGKILL);
