@@ -576,20 +576,20 @@ fn a_pinned_attachment_outlives_a_sigkilled_process_is_adopted_and_detached() {
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
 
-    assert_eq!(tcx_programs(&pair.a, "va"), 1, "still attached after kill -9");
+    assert_eq!(
+        tcx_programs(&pair.a, "va"),
+        1,
+        "still attached after kill -9"
+    );
     assert!(root.0.join("va/link").exists());
     assert!(!pair.ping(ADDR_B), "its in-kernel drop rule keeps working");
 
     let a = pair.a.clone();
     let dir = root.0.clone();
     let adoption = in_netns(&pair.a, move || {
-        let mut classifier = Classifier::load_pinned(
-            &ClassifierOptions::default(),
-            &dir,
-            "va",
-            Direction::Egress,
-        )
-        .unwrap();
+        let mut classifier =
+            Classifier::load_pinned(&ClassifierOptions::default(), &dir, "va", Direction::Egress)
+                .unwrap();
         let adoption = classifier.adoption();
         classifier.install_spec(&test_policy()).unwrap();
         classifier.attach("va", Direction::Egress).unwrap();
@@ -598,8 +598,14 @@ fn a_pinned_attachment_outlives_a_sigkilled_process_is_adopted_and_detached() {
         (adoption, programs, tcx_programs(&a, "va"))
     });
     assert_eq!(adoption.0, Some(Adoption::Adopted));
-    assert_eq!(adoption.1, 1, "adopted: swapped into the link, no second program");
-    assert_eq!(adoption.2, 1, "dropping a pinned classifier leaves it attached");
+    assert_eq!(
+        adoption.1, 1,
+        "adopted: swapped into the link, no second program"
+    );
+    assert_eq!(
+        adoption.2, 1,
+        "dropping a pinned classifier leaves it attached"
+    );
 
     let dir = root.0.clone();
     let removed = in_netns(&pair.a, move || detach_pinned(&dir, "va").unwrap());

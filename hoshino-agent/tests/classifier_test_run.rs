@@ -460,7 +460,10 @@ fn divert_verdicts_record_the_socket_uid_and_tunnel_verdicts_record_no_flow() {
         run(&mut c, &ipv6("fd68::1", &[], UDP, &ports(7, 9))),
         TC_ACT_REDIRECT
     );
-    let flow = c.flow(&imds_key(40000)).unwrap().expect("diverted flow recorded");
+    let flow = c
+        .flow(&imds_key(40000))
+        .unwrap()
+        .expect("diverted flow recorded");
     // BPF_PROG_TEST_RUN gives the packet a fake socket owned by root.
     assert_eq!(flow.uid, 0);
     assert_eq!(flow.verdict, Verdict::Divert as u8);
@@ -541,11 +544,17 @@ fn a_syn_on_a_recorded_tuple_starts_a_new_flow_and_later_segments_keep_it() {
 
     assert_eq!(run(&mut c, &imds_segment(41000, ACK)), TC_ACT_REDIRECT);
     let later = c.flow(&imds_key(41000)).unwrap().expect("still recorded");
-    assert_eq!(later.started_ns, first.started_ns, "an ACK continues the flow");
+    assert_eq!(
+        later.started_ns, first.started_ns,
+        "an ACK continues the flow"
+    );
     assert!(later.last_seen_ns > first.last_seen_ns);
 
     // A SYN with ACK (the answer of a simultaneous open) is not a new connection either.
-    assert_eq!(run(&mut c, &imds_segment(41000, SYN | ACK)), TC_ACT_REDIRECT);
+    assert_eq!(
+        run(&mut c, &imds_segment(41000, SYN | ACK)),
+        TC_ACT_REDIRECT
+    );
     assert_eq!(
         c.flow(&imds_key(41000)).unwrap().unwrap().started_ns,
         first.started_ns
@@ -575,7 +584,11 @@ fn a_full_flow_table_refuses_new_divert_flows_but_keeps_existing_ones() {
         }
         filled += 1;
     }
-    assert_eq!(filled, hoshino_common::FLOW_CAPACITY as usize, "the table is full");
+    assert_eq!(
+        filled,
+        hoshino_common::FLOW_CAPACITY as usize,
+        "the table is full"
+    );
 
     assert_eq!(
         run(&mut c, &imds_segment(42001, SYN)),
@@ -635,7 +648,10 @@ fn the_sweep_removes_flows_idle_past_the_timeout_only() {
         .unwrap();
     assert_eq!(removed, 1);
     assert!(c.flow(&stale).unwrap().is_none());
-    assert!(c.flow(&imds_key(43000)).unwrap().is_some(), "the live flow stays");
+    assert!(
+        c.flow(&imds_key(43000)).unwrap().is_some(),
+        "the live flow stays"
+    );
     assert_eq!(table.clear().unwrap(), 1);
     assert!(c.flows().unwrap().is_empty());
 }

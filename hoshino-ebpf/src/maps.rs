@@ -5,8 +5,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, PerCpuArray},
 };
 use hoshino_common::{
-    Config, EVENT_SLOTS, FLOW_CAPACITY, FlowKey, FlowValue, LPM_CAPACITY, LpmV4, LpmV6, MAP_SETS, MAX_RULES,
-    Rule, RuleSet, RuleStats, STATS_SLOTS, SetMeta,
+    Config, EVENT_SLOTS, FLOW_CAPACITY, FlowKey, FlowValue, LPM_CAPACITY, LpmV4, LpmV6, MAP_SETS,
+    MAX_RULES, Rule, RuleSet, RuleStats, STATS_SLOTS, SetMeta,
 };
 
 #[map(name = "HOSHINO_CONFIG")]

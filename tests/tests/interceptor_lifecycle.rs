@@ -161,9 +161,19 @@ fn assert_fails_closed(bed: &MetadataBed) {
 fn kill_9_fails_closed_and_a_restarted_agent_adopts_the_pinned_classifier() {
     let bed = MetadataBed::new();
     let mut agent = bed.attach(&example_policy("metadata.toml"), &[]);
-    assert!(agent.log_text().contains("adoption=Some(Fresh)"), "{}", agent.log_text());
-    let divert_tun = bed.client.ip(&["-o", "link", "show", "hoshinodv0"]).expect("divert TUN");
-    assert!(divert_tun.contains("qlen 10000"), "queue sized for bursts: {divert_tun}");
+    assert!(
+        agent.log_text().contains("adoption=Some(Fresh)"),
+        "{}",
+        agent.log_text()
+    );
+    let divert_tun = bed
+        .client
+        .ip(&["-o", "link", "show", "hoshinodv0"])
+        .expect("divert TUN");
+    assert!(
+        divert_tun.contains("qlen 10000"),
+        "queue sized for bursts: {divert_tun}"
+    );
     assert_eq!(iam_as_user(&bed).code, 56);
     assert!(instance_id_as(&bed, Some(1000)).ok());
     agent.signal(libc::SIGKILL);
@@ -174,7 +184,11 @@ fn kill_9_fails_closed_and_a_restarted_agent_adopts_the_pinned_classifier() {
         bed.client_links()
     );
     assert!(bed.pin_dir().join("link").exists(), "the link stays pinned");
-    assert_eq!(bed.egress_tcx_programs(), 1, "the classifier stays attached");
+    assert_eq!(
+        bed.egress_tcx_programs(),
+        1,
+        "the classifier stays attached"
+    );
     assert_fails_closed(&bed);
 
     let restarted = bed.attach(&example_policy("metadata.toml"), &[]);
@@ -227,7 +241,9 @@ fn sigterm_keeps_the_classifier_pinned_and_detach_removes_everything() {
     let status = agent.stop();
     assert!(status.success(), "{status}\n{}", agent.log_text());
     assert!(
-        agent.log_text().contains("interceptor left attached (pinned)"),
+        agent
+            .log_text()
+            .contains("interceptor left attached (pinned)"),
         "{}",
         agent.log_text()
     );

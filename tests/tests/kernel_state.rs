@@ -15,7 +15,9 @@ fn an_existing_route_to_the_network_survives_start_and_stop_of_the_agent() {
         .expect("testbed with one node");
     let node = net.node(1).expect("node 1");
     node.ns
-        .ip(&["link", "add", "adm0", "type", "veth", "peer", "name", "adm1"])
+        .ip(&[
+            "link", "add", "adm0", "type", "veth", "peer", "name", "adm1",
+        ])
         .expect("an administrator's link");
     node.ns.ip(&["link", "set", "adm1", "up"]).expect("up");
     node.ns.ip(&["link", "set", "adm0", "up"]).expect("up");
@@ -41,7 +43,9 @@ fn an_existing_route_to_the_network_survives_start_and_stop_of_the_agent() {
     let running = route();
     assert_eq!(running, before, "not replaced while running");
     assert!(
-        agent.log_text().contains("a route to the network /64 exists already"),
+        agent
+            .log_text()
+            .contains("a route to the network /64 exists already"),
         "{}",
         agent.log_text()
     );
@@ -50,5 +54,8 @@ fn an_existing_route_to_the_network_survives_start_and_stop_of_the_agent() {
     assert!(status.success(), "{status}\n{}", agent.log_text());
     assert_eq!(route(), before, "not removed on exit");
     let links = node.ns.ip(&["-o", "link", "show"]).expect("links");
-    assert!(!links.contains("hoshino0"), "the TUN is still removed:\n{links}");
+    assert!(
+        !links.contains("hoshino0"),
+        "the TUN is still removed:\n{links}"
+    );
 }

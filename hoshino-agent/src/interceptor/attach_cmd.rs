@@ -296,18 +296,21 @@ async fn intercept(
     if let Some(task) = log_task {
         task.abort();
     }
-    let mut classifier = classifier.lock().unwrap_or_else(|p| p.into_inner());
-    if classifier.is_pinned() && !args.detach_on_exit {
-        tracing::info!(
-            interface = %args.interface,
-            pin_dir = %args.pin_dir.display(),
-            "interceptor left attached (pinned): diverted and tunnelled traffic is dropped until an agent adopts it; `hoshino-agent detach --interface {}` removes it",
-            args.interface
-        );
-        return Ok(());
-    }
-    classifier.detach()?;
-    for interface in classifier.created_clsact().to_vec() {
+    let created_clsact = {
+        let mut classifier = classifier.lock().unwrap_or_else(|p| p.into_inner());
+        if classifier.is_pinned() && !args.detach_on_exit {
+            tracing::info!(
+                interface = %args.interface,
+                pin_dir = %args.pin_dir.display(),
+                "interceptor left attached (pinned): diverted and tunnelled traffic is dropped until an agent adopts it; `hoshino-agent detach --interface {}` removes it",
+                args.interface
+            );
+            return Ok(());
+        }
+        classifier.detach()?;
+        classifier.created_clsact().to_vec()
+    };
+    for interface in created_clsact {
         match netlink.link_index(&interface).await {
             Ok(Some(ifindex)) => {
                 if let Err(e) = netlink.remove_clsact(&interface, ifindex).await {
@@ -382,7 +385,9 @@ fn publish_counters(classifier: &Mutex<Classifier>, metrics: &Metrics) {
         (classifier.rule_stats(), classifier.events())
     };
     match events {
-        Ok(events) => metrics.set_classifier_drops(events.flow_table_full, events.no_redirect_target),
+        Ok(events) => {
+            metrics.set_classifier_drops(events.flow_table_full, events.no_redirect_target)
+        }
         Err(e) => tracing::debug!(error = %e, "reading classifier events"),
     }
     match stats {

@@ -17,8 +17,9 @@ use aya::{
 use aya_log::EbpfLogger;
 use hoshino_common::{
     CONFIG_ENABLED, CONFIG_L3_INTERFACE, CONFIG_LOG_VERDICTS, Config, DEFAULT_SLOT,
-    EVENT_FLOW_TABLE_FULL, EVENT_NO_REDIRECT_TARGET, FAMILY_V4, FAMILY_V6, FlowKey, FlowValue, LPM_SET_BITS, LpmV4, LpmV6, MAP_SETS, MAX_RULES, Rule, RuleSet,
-    RuleStats, STATS_SLOTS, SetMeta, rule_index, stats_index,
+    EVENT_FLOW_TABLE_FULL, EVENT_NO_REDIRECT_TARGET, FAMILY_V4, FAMILY_V6, FlowKey, FlowValue,
+    LPM_SET_BITS, LpmV4, LpmV6, MAP_SETS, MAX_RULES, Rule, RuleSet, RuleStats, STATS_SLOTS,
+    SetMeta, rule_index, stats_index,
 };
 
 use super::{
@@ -254,9 +255,7 @@ impl Classifier {
         dir.ensure()?;
         let found_link = match PinnedLink::from_pin(dir.link()) {
             Ok(link) => Some(FdLink::from(link)),
-            Err(LinkError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => {
-                None
-            }
+            Err(LinkError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => None,
             Err(source) => {
                 return Err(InterceptorError::Link {
                     path: dir.link().display().to_string(),
@@ -267,8 +266,7 @@ impl Classifier {
         if let Some(found) = &found_link {
             check_attached_here(found, &dir, interface, direction)?;
         }
-        let same_object =
-            found_link.is_some() && dir.recorded_digest()? == Some(object_digest());
+        let same_object = found_link.is_some() && dir.recorded_digest()? == Some(object_digest());
         let adoption = match (&found_link, same_object) {
             (None, _) => Adoption::Fresh,
             (Some(_), true) => Adoption::Adopted,
@@ -279,8 +277,10 @@ impl Classifier {
             // program keeps its own maps until the link is swapped.
             dir.remove_maps()?;
         }
-        let pin_paths: Vec<(&str, std::path::PathBuf)> =
-            PINNED_MAPS.iter().map(|name| (*name, dir.map(name))).collect();
+        let pin_paths: Vec<(&str, std::path::PathBuf)> = PINNED_MAPS
+            .iter()
+            .map(|name| (*name, dir.map(name)))
+            .collect();
         let mut loader = EbpfLoader::new();
         for (name, path) in &pin_paths {
             loader.map_pin_path(name, path.as_path());
@@ -307,7 +307,9 @@ impl Classifier {
             .try_into()
             .map_err(program_err)?;
         program.load().map_err(program_err)?;
-        let adopted = pins.as_ref().is_some_and(|p| p.adoption == Adoption::Adopted);
+        let adopted = pins
+            .as_ref()
+            .is_some_and(|p| p.adoption == Adoption::Adopted);
         let mut classifier = Self {
             ebpf,
             config: Config::default(),
@@ -391,10 +393,11 @@ impl Classifier {
                     Some(pins) => {
                         let path = pins.dir.link();
                         let owned = self.program()?.take_link(link).map_err(program_err)?;
-                        let fd = FdLink::try_from(owned).map_err(|source| InterceptorError::Link {
-                            path: path.display().to_string(),
-                            source: Box::new(source),
-                        })?;
+                        let fd =
+                            FdLink::try_from(owned).map_err(|source| InterceptorError::Link {
+                                path: path.display().to_string(),
+                                source: Box::new(source),
+                            })?;
                         let pinned = fd.pin(&path).map_err(|source| InterceptorError::PinLink {
                             path: path.display().to_string(),
                             source: Box::new(source),
@@ -434,7 +437,12 @@ impl Classifier {
         }
         let link = SchedClassifierLink::try_from(found).map_err(link_err)?;
         let id = self.program()?.attach_to_link(link).map_err(program_err)?;
-        self.record(interface, direction, AttachMode::Tcx, AttachedLink::Managed(id));
+        self.record(
+            interface,
+            direction,
+            AttachMode::Tcx,
+            AttachedLink::Managed(id),
+        );
         self.finish_pinning()?;
         Ok(AttachMode::Tcx)
     }
@@ -725,9 +733,7 @@ impl Classifier {
         let id = match self.ebpf.map(MAP_FLOWS) {
             Some(Map::HashMap(data)) => data.info().map_err(map_err(MAP_FLOWS))?.id(),
             Some(_) => {
-                return Err(map_err(MAP_FLOWS)(MapError::InvalidMapType {
-                    map_type: 0,
-                }));
+                return Err(map_err(MAP_FLOWS)(MapError::InvalidMapType { map_type: 0 }));
             }
             None => return Err(InterceptorError::MissingMap(MAP_FLOWS)),
         };
@@ -800,7 +806,10 @@ fn check_attached_here(
 /// crashed agent on a kernel without TCX, they would judge packets with a dead agent's maps.
 fn remove_stale_filters(interface: &str, direction: Direction) {
     match tc::qdisc_detach_program(interface, direction.tc(), PROGRAM) {
-        Ok(()) => tracing::info!(interface, "removed a clsact filter left by an earlier agent"),
+        Ok(()) => tracing::info!(
+            interface,
+            "removed a clsact filter left by an earlier agent"
+        ),
         Err(e) => tracing::debug!(interface, error = %e, "no stale clsact filter removed"),
     }
 }

@@ -158,7 +158,11 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         assert_eq!(ports(Duration::from_secs(320)), [1]);
-        assert_eq!(ports(Duration::from_secs(300)), [1, 2], "exactly 300 s idle stays");
+        assert_eq!(
+            ports(Duration::from_secs(300)),
+            [1, 2],
+            "exactly 300 s idle stays"
+        );
         assert_eq!(ports(Duration::from_secs(299)), [1, 2, 3]);
     }
 

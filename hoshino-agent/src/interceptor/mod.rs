@@ -32,8 +32,8 @@ pub use classifier::{
 pub use flow_table::{
     FLOW_IDLE_TIMEOUT, FLOW_SWEEP_EVERY, FlowTable, idle_flows, monotonic_now_ns,
 };
-pub use pin::{DEFAULT_PIN_ROOT, PINNED_MAPS, PinDir, PinError, object_digest};
 pub use from_policy::set_tables;
 pub use logs::{TracingLog, forward_logs};
 pub use object::CLASSIFIER_OBJECT;
+pub use pin::{DEFAULT_PIN_ROOT, PINNED_MAPS, PinDir, PinError, object_digest};
 pub use tables::{Family, PolicySpec, Prefix, RuleSpec, SetTables, TablesError, build_tables};

@@ -234,12 +234,8 @@ impl MetadataBed {
         std::thread::spawn(move || {
             let file = File::open(&path).expect("open netns");
             // SAFETY: plain setns on a valid namespace fd; affects only this thread.
-            let rc = unsafe {
-                libc::setns(
-                    std::os::fd::AsRawFd::as_raw_fd(&file),
-                    libc::CLONE_NEWNET,
-                )
-            };
+            let rc =
+                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
             assert_eq!(rc, 0, "setns {path}");
             aya::programs::SchedClassifier::query_tcx("eth0", aya::programs::TcAttachType::Egress)
                 .map(|(_, programs)| programs.len())
@@ -327,8 +323,7 @@ impl AttachedAgent {
         if let Some(pins) = &own_pins {
             cmd.arg("--pin-dir").arg(pins.path());
         }
-        cmd
-            .env("NO_COLOR", "1")
+        cmd.env("NO_COLOR", "1")
             .env(
                 "RUST_LOG",
                 std::env::var("HOSHINO_TEST_AGENT_LOG").unwrap_or_else(|_| "info".into()),
