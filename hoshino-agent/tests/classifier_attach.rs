@@ -641,3 +641,38 @@ fn attach_pinned_and_wait_child() {
     thread::sleep(Duration::from_secs(120));
     drop(classifier);
 }
+
+/// On kernels without TCX a crashed agent leaves its clsact filter behind (it outlives the
+/// process); the next attach removes it, so no dead agent's maps judge packets.
+#[test]
+fn a_clsact_filter_left_by_a_crashed_agent_is_removed_at_the_next_attach() {
+    let pair = Pair::new();
+    let a = pair.a.clone();
+    in_netns(&pair.a, move || {
+        let mut crashed = Classifier::load(&ClassifierOptions::default()).unwrap();
+        crashed.install_spec(&test_policy()).unwrap();
+        crashed.attach_clsact("va", Direction::Egress).unwrap();
+        // Like a crash: no detach runs, the netlink filter stays in the kernel.
+        std::mem::forget(crashed);
+        assert!(tc_filters(&a, "va").contains("bpf"), "the leftover filter");
+    });
+    assert!(!pair.ping(ADDR_B), "the leftover filter still drops ICMP");
+    let a = pair.a.clone();
+    let filters = in_netns(&pair.a, move || {
+        let mut classifier = Classifier::load(&ClassifierOptions::default()).unwrap();
+        let pass_all = PolicySpec {
+            rules: Vec::new(),
+            default_verdict: Verdict::Pass,
+        };
+        classifier.install_spec(&pass_all).unwrap();
+        assert_eq!(
+            classifier.attach("va", Direction::Egress).unwrap(),
+            AttachMode::Tcx
+        );
+        let filters = tc_filters(&a, "va");
+        classifier.detach().unwrap();
+        filters
+    });
+    assert!(!filters.contains("bpf"), "removed at attach: {filters}");
+    assert!(pair.ping(ADDR_B));
+}
