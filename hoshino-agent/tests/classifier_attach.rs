@@ -499,6 +499,17 @@ fn clsact_filter_classifies_real_traffic_and_is_removed_on_detach() {
         ready_tx.send(mode).unwrap();
         from_main.recv().unwrap();
         classifier.detach().unwrap();
+        // The qdisc was added by this classifier, so it is ours to remove (as `attach` does).
+        assert_eq!(classifier.created_clsact(), ["va"]);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let netlink = hoshino_agent::netlink::Netlink::connect().unwrap();
+            let ifindex = netlink.link_index("va").await.unwrap().unwrap();
+            netlink.remove_clsact("va", ifindex).await.unwrap();
+        });
     });
     let mode = ready_rx.recv().unwrap();
     assert_eq!(mode, AttachMode::Netlink);
@@ -517,6 +528,12 @@ fn clsact_filter_classifies_real_traffic_and_is_removed_on_detach() {
     assert!(
         !tc_filters(&pair.a, "va").contains("bpf"),
         "detach removes the filter"
+    );
+    let qdiscs = sh(&["tc", "-n", &pair.a, "qdisc", "show", "dev", "va"]);
+    let qdiscs = String::from_utf8_lossy(&qdiscs.stdout);
+    assert!(
+        !qdiscs.contains("clsact"),
+        "the qdisc we added is gone: {qdiscs}"
     );
     assert!(pair.ping(ADDR_B), "after detach ICMP passes again");
 }

@@ -13,6 +13,11 @@
 //! classifier.detach()?; // also on drop
 //! # drop(logs); Ok(()) }
 //! ```
+//!
+//! `attach` uses [`Classifier::load_pinned`] instead: the link and maps are pinned in bpffs
+//! (`pin.rs`), a pinned classifier is adopted or replaced in place, dropping it leaves it
+//! attached (fail closed), and [`detach_pinned`] removes it. [`FlowTable`] is the flow map
+//! through a handle of its own (sweep, removal).
 
 pub mod attach_cmd;
 mod classifier;
