@@ -265,6 +265,11 @@ fn sigterm_keeps_the_classifier_pinned_and_detach_removes_everything() {
     assert!(!bed.pins.has_pins(), "nothing under the pin root");
     assert_eq!(bed.egress_tcx_programs(), 0, "no TCX link left");
     assert_eq!(bed.egress_filters(), "", "no clsact filter left");
+    assert!(
+        !bed.qdiscs().contains("clsact"),
+        "no clsact qdisc left: {}",
+        bed.qdiscs()
+    );
     let f = iam_as_user(&bed);
     assert!(f.ok(), "nothing intercepts after detach: {f:?}");
     let again = bed.detach();
@@ -308,4 +313,34 @@ fn divert_rules_without_http_reinject_or_drop_whole_flows() {
         .arg(format!("http://[{SERVER_V6}]/"));
     let out = hoshino_tests::command::output(&mut cmd).expect("curl runs");
     assert_eq!(out.status.code(), Some(28), "dropped flow times out");
+}
+
+#[test]
+fn a_pin_directory_of_another_namespace_is_refused_and_left_alone() {
+    let first = MetadataBed::new();
+    let _agent = first.attach(&example_policy("metadata.toml"), &[]);
+    let second = MetadataBed::new();
+    // The same --pin-dir from another namespace: the pinned link there is not this eth0's.
+    let mut cmd = second.client.command("timeout");
+    cmd.arg("20")
+        .arg(hoshino_tests::binaries::agent().expect("hoshino-agent binary"))
+        .args(["attach", "--interface", "eth0", "--policy"])
+        .arg(example_policy("metadata.toml"))
+        .arg("--pin-dir")
+        .arg(first.pins.path());
+    let out = hoshino_tests::command::output(&mut cmd).expect("agent runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("is not attached to eth0 in this network namespace"),
+        "{stderr}"
+    );
+    assert_eq!(second.egress_tcx_programs(), 0, "nothing attached here");
+    assert_eq!(
+        first.egress_tcx_programs(),
+        1,
+        "the other attachment is untouched"
+    );
+    assert_eq!(iam_as_user(&first).code, 56, "and still judges");
+    assert!(instance_id_as(&first, Some(1000)).ok());
 }

@@ -227,8 +227,8 @@ impl MetadataBed {
         .expect("hoshino-agent detach runs")
     }
 
-    /// TCX programs attached at the client's `eth0` egress, as `bpftool` would list them:
-    /// ids of the programs (read with aya's TCX query inside the namespace).
+    /// How many TCX programs are attached at the client's `eth0` egress (what `bpftool net`
+    /// would list; read with aya's TCX query from a thread inside the namespace).
     pub fn egress_tcx_programs(&self) -> usize {
         let path = format!("/var/run/netns/{}", self.client.name());
         std::thread::spawn(move || {
@@ -261,6 +261,20 @@ impl MetadataBed {
             "dev",
             "eth0",
             "egress",
+        ]))
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+    }
+
+    /// The client's qdiscs on eth0 (`tc qdisc show`).
+    pub fn qdiscs(&self) -> String {
+        command::output(Command::new("tc").args([
+            "-n",
+            self.client.name(),
+            "qdisc",
+            "show",
+            "dev",
+            "eth0",
         ]))
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default()
