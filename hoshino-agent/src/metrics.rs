@@ -179,6 +179,7 @@ pub struct Metrics {
     rules: RwLock<Vec<RuleCounter>>,
     classifier_flow_table_full: AtomicU64,
     classifier_no_redirect_target: AtomicU64,
+    classifier_uid_flow_cap: AtomicU64,
 }
 
 impl Metrics {
@@ -265,11 +266,17 @@ impl Metrics {
     }
 
     /// Sets the classifier's own drop counters (snapshots summed over CPUs from its maps).
-    pub fn set_classifier_drops(&self, flow_table_full: u64, no_redirect_target: u64) {
+    pub fn set_classifier_drops(
+        &self,
+        flow_table_full: u64,
+        no_redirect_target: u64,
+        uid_flow_cap: u64,
+    ) {
         self.classifier_flow_table_full
             .store(flow_table_full, Relaxed);
         self.classifier_no_redirect_target
             .store(no_redirect_target, Relaxed);
+        self.classifier_uid_flow_cap.store(uid_flow_cap, Relaxed);
     }
 
     pub fn render(&self) -> String {
@@ -431,9 +438,10 @@ impl Metrics {
         let name = "hoshino_classifier_drops_total";
         let _ = writeln!(
             out,
-            "# HELP {name} Packets the classifier dropped besides drop rules: a new divert flow refused by the full flow table, or a redirect without a target.\n# TYPE {name} counter\n{name}{{reason=\"flow_table_full\"}} {}\n{name}{{reason=\"no_redirect_target\"}} {}",
+            "# HELP {name} Packets the classifier dropped besides drop rules: a new divert flow refused by the full flow table or the per-uid cap, or a redirect without a target.\n# TYPE {name} counter\n{name}{{reason=\"flow_table_full\"}} {}\n{name}{{reason=\"no_redirect_target\"}} {}\n{name}{{reason=\"uid_flow_cap\"}} {}",
             self.classifier_flow_table_full.load(Relaxed),
             self.classifier_no_redirect_target.load(Relaxed),
+            self.classifier_uid_flow_cap.load(Relaxed),
         );
         let rules = self.rules.read().map(|r| r.clone()).unwrap_or_default();
         for (name, help, pick) in [

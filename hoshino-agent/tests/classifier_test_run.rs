@@ -627,6 +627,46 @@ fn a_full_flow_table_refuses_new_divert_flows_but_keeps_existing_ones() {
 }
 
 #[test]
+fn a_uid_at_its_flow_cap_is_refused_new_flows_until_the_recount_frees_room() {
+    let mut c = flow_classifier();
+    c.set_flows_per_uid(2).unwrap();
+    // BPF_PROG_TEST_RUN's fake socket is root's: every flow here is uid 0's.
+    assert_eq!(run(&mut c, &imds_segment(44000, SYN)), TC_ACT_REDIRECT);
+    assert_eq!(run(&mut c, &imds_segment(44001, SYN)), TC_ACT_REDIRECT);
+    assert_eq!(
+        run(&mut c, &imds_segment(44002, SYN)),
+        TC_ACT_SHOT,
+        "a third flow of the same uid is refused"
+    );
+    assert_eq!(c.events().unwrap().uid_flow_cap, 1);
+    assert_eq!(c.events().unwrap().flow_table_full, 0);
+    assert_eq!(
+        run(&mut c, &imds_segment(44000, ACK)),
+        TC_ACT_REDIRECT,
+        "its recorded flows go on"
+    );
+    assert_eq!(
+        run(&mut c, &imds_segment(44001, SYN)),
+        TC_ACT_REDIRECT,
+        "a SYN reusing its own tuple is no extra flow"
+    );
+    let mut table = c.flow_table().unwrap();
+    assert_eq!(table.uid_count(0).unwrap(), 2);
+    assert!(table.remove(&imds_key(44000)).unwrap());
+    // Removal alone does not decrement; the sweep's recount does.
+    assert_eq!(run(&mut c, &imds_segment(44002, SYN)), TC_ACT_SHOT);
+    table
+        .sweep(
+            hoshino_agent::interceptor::monotonic_now_ns(),
+            hoshino_agent::interceptor::FLOW_IDLE_TIMEOUT,
+        )
+        .unwrap();
+    assert_eq!(table.uid_count(0).unwrap(), 1);
+    assert_eq!(run(&mut c, &imds_segment(44002, SYN)), TC_ACT_REDIRECT);
+    assert_eq!(table.uid_count(0).unwrap(), 2);
+}
+
+#[test]
 fn the_sweep_removes_flows_idle_past_the_timeout_only() {
     let mut c = flow_classifier();
     assert_eq!(run(&mut c, &imds_segment(43000, SYN)), TC_ACT_REDIRECT);

@@ -18,6 +18,7 @@
 //! | `HOSHINO_DST_V6`, `HOSHINO_SRC_V6` | LPM trie | [`LpmV6`] | [`RuleSet`] | [`LPM_CAPACITY`] |
 //! | `HOSHINO_STATS` | per-CPU array | [`stats_index`]`(set, slot)` | [`RuleStats`] | `MAP_SETS * STATS_SLOTS` |
 //! | `HOSHINO_FLOWS` | hash (not LRU) | [`FlowKey`] | [`FlowValue`] | [`FLOW_CAPACITY`] |
+//! | `HOSHINO_UID_FLOWS` | hash | socket uid `u32` | recorded flows `u32` | [`UID_FLOWS_CAPACITY`] |
 //! | `HOSHINO_EVENTS` | per-CPU array | `EVENT_*` index | `u64` count | [`EVENT_SLOTS`] |
 //!
 //! ## LPM keys
@@ -62,6 +63,13 @@
 //! with a flow, a periodic sweep of entries idle longer than the agent's idle timeout, and a clear
 //! when an agent starts or adopts a pinned classifier (the previous agent's flows died with it).
 //!
+//! A per-uid cap ([`Config::flows_per_uid`]) keeps one user from filling the table for
+//! everyone: `HOSHINO_UID_FLOWS` counts each uid's flows, incremented by the classifier when it
+//! records a new flow (a new 4-tuple, or a SYN that moves a tuple to another uid), and
+//! recomputed from `HOSHINO_FLOWS` by the agent's sweep (removals do not decrement it, so the
+//! count may run high until the next sweep, never low for long). A new flow of a uid at the cap
+//! is dropped and counted in `HOSHINO_EVENTS[`[`EVENT_UID_FLOW_CAP`]`]`.
+//!
 //! ## Events
 //! `HOSHINO_EVENTS` counts per CPU what the classifier did besides rule verdicts, indexed by the
 //! `EVENT_*` constants; the agent sums the CPUs and shows them as metrics.
@@ -89,6 +97,11 @@ pub const EVENT_SLOTS: u32 = 4;
 pub const EVENT_FLOW_TABLE_FULL: u32 = 0;
 /// `HOSHINO_EVENTS` slot: a tunnel/divert packet dropped because its redirect target is 0.
 pub const EVENT_NO_REDIRECT_TARGET: u32 = 1;
+/// `HOSHINO_EVENTS` slot: a divert packet of a new flow dropped because its uid is at the cap.
+pub const EVENT_UID_FLOW_CAP: u32 = 2;
+/// Capacity of `HOSHINO_UID_FLOWS` (distinct uids with recorded flows); a uid that finds no room
+/// there goes uncounted (admitted) until the agent's next recount.
+pub const UID_FLOWS_CAPACITY: u32 = 8_192;
 /// What `bpf_get_socket_uid` returns for a packet without a full socket.
 pub const UID_NO_SOCKET: u32 = 65_534;
 
@@ -260,8 +273,9 @@ pub struct Config {
     pub reinject_mark: u32,
     /// `CONFIG_*` bits.
     pub flags: u32,
-    /// Zero.
-    pub _pad: u32,
+    /// At most this many recorded divert flows per socket uid (`HOSHINO_UID_FLOWS`); a new flow
+    /// beyond it is refused like one in a full table. 0 = no per-uid cap.
+    pub flows_per_uid: u32,
 }
 
 /// [`Config::flags`]: the classifier is enabled; while clear every packet passes uncounted

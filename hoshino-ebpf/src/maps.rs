@@ -6,7 +6,7 @@ use aya_ebpf::{
 };
 use hoshino_common::{
     Config, EVENT_SLOTS, FLOW_CAPACITY, FlowKey, FlowValue, LPM_CAPACITY, LpmV4, LpmV6, MAP_SETS,
-    MAX_RULES, Rule, RuleSet, RuleStats, STATS_SLOTS, SetMeta,
+    MAX_RULES, Rule, RuleSet, RuleStats, STATS_SLOTS, SetMeta, UID_FLOWS_CAPACITY,
 };
 
 #[map(name = "HOSHINO_CONFIG")]
@@ -36,6 +36,9 @@ pub static STATS: PerCpuArray<RuleStats> = PerCpuArray::with_max_entries(MAP_SET
 // A plain hash, not an LRU: when full, new flows are refused rather than live ones evicted.
 #[map(name = "HOSHINO_FLOWS")]
 pub static FLOWS: HashMap<FlowKey, FlowValue> = HashMap::with_max_entries(FLOW_CAPACITY, 0);
+
+#[map(name = "HOSHINO_UID_FLOWS")]
+pub static UID_FLOWS: HashMap<u32, u32> = HashMap::with_max_entries(UID_FLOWS_CAPACITY, 0);
 
 #[map(name = "HOSHINO_EVENTS")]
 pub static EVENTS: PerCpuArray<u64> = PerCpuArray::with_max_entries(EVENT_SLOTS, 0);

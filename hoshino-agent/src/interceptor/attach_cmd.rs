@@ -23,6 +23,8 @@ use crate::metrics::{Metrics, RuleCounter};
 use crate::policy::{self, CompiledPolicy, PolicyError, Verdict};
 use crate::tunnel::{Tunnel, TunnelError};
 
+/// Default per-uid cap of recorded divert flows (a sixteenth of the table).
+pub const DEFAULT_FLOWS_PER_UID: u32 = hoshino_common::FLOW_CAPACITY / 16;
 /// Default name of the divert TUN.
 pub const DEFAULT_DIVERT_TUN: &str = "hoshinodv0";
 /// Default mark of reinjected packets ("hsno"); any nonzero value no one else uses works.
@@ -64,6 +66,10 @@ pub struct AttachArgs {
     /// diverted traffic until the next agent adopts it, so a restart never passes it unjudged).
     #[arg(long, env = "HOSHINO_DETACH_ON_EXIT", help_heading = "Interceptor")]
     pub detach_on_exit: bool,
+    /// Divert flows the kernel records per socket uid at once (0 = no cap); a user's new flow
+    /// beyond it is dropped, so one user cannot fill the 65,536-flow table for everyone.
+    #[arg(long, env = "HOSHINO_FLOWS_PER_UID", help_heading = "Interceptor", value_name = "N", default_value_t = DEFAULT_FLOWS_PER_UID)]
+    pub flows_per_uid: u32,
     /// The tunnel carrying `tunnel` verdicts; started when a bucket is configured.
     #[command(flatten)]
     pub tunnel: TunnelArgs,
@@ -241,6 +247,7 @@ async fn intercept(
     let mut classifier =
         Classifier::load_pinned(&options, &args.pin_dir, &args.interface, Direction::Egress)?;
     let adoption = classifier.adoption();
+    classifier.set_flows_per_uid(args.flows_per_uid)?;
     let log_task = match classifier.take_logger() {
         Ok(logger) => Some(tokio::spawn(forward_logs(logger))),
         Err(e) => {
@@ -385,9 +392,11 @@ fn publish_counters(classifier: &Mutex<Classifier>, metrics: &Metrics) {
         (classifier.rule_stats(), classifier.events())
     };
     match events {
-        Ok(events) => {
-            metrics.set_classifier_drops(events.flow_table_full, events.no_redirect_target)
-        }
+        Ok(events) => metrics.set_classifier_drops(
+            events.flow_table_full,
+            events.no_redirect_target,
+            events.uid_flow_cap,
+        ),
         Err(e) => tracing::debug!(error = %e, "reading classifier events"),
     }
     match stats {

@@ -17,9 +17,9 @@ use aya::{
 use aya_log::EbpfLogger;
 use hoshino_common::{
     CONFIG_ENABLED, CONFIG_L3_INTERFACE, CONFIG_LOG_VERDICTS, Config, DEFAULT_SLOT,
-    EVENT_FLOW_TABLE_FULL, EVENT_NO_REDIRECT_TARGET, FAMILY_V4, FAMILY_V6, FlowKey, FlowValue,
-    LPM_SET_BITS, LpmV4, LpmV6, MAP_SETS, MAX_RULES, Rule, RuleSet, RuleStats, STATS_SLOTS,
-    SetMeta, rule_index, stats_index,
+    EVENT_FLOW_TABLE_FULL, EVENT_NO_REDIRECT_TARGET, EVENT_UID_FLOW_CAP, FAMILY_V4, FAMILY_V6,
+    FlowKey, FlowValue, LPM_SET_BITS, LpmV4, LpmV6, MAP_SETS, MAX_RULES, Rule, RuleSet, RuleStats,
+    STATS_SLOTS, SetMeta, rule_index, stats_index,
 };
 
 use super::{
@@ -42,6 +42,7 @@ const MAP_SRC_V6: &str = "HOSHINO_SRC_V6";
 const MAP_STATS: &str = "HOSHINO_STATS";
 const MAP_FLOWS: &str = "HOSHINO_FLOWS";
 const MAP_EVENTS: &str = "HOSHINO_EVENTS";
+const MAP_UID_FLOWS: &str = "HOSHINO_UID_FLOWS";
 
 /// Why the classifier could not be loaded, attached, filled or read.
 #[derive(Debug, thiserror::Error)]
@@ -176,6 +177,8 @@ pub struct ClassifierEvents {
     pub flow_table_full: u64,
     /// Tunnel/divert packets dropped because no redirect target was configured.
     pub no_redirect_target: u64,
+    /// Divert packets of new flows dropped because their uid was at the per-uid cap.
+    pub uid_flow_cap: u64,
 }
 
 /// Pin state of a classifier loaded with [`Classifier::load_pinned`].
@@ -724,20 +727,32 @@ impl Classifier {
         Ok(ClassifierEvents {
             flow_table_full: sum(EVENT_FLOW_TABLE_FULL)?,
             no_redirect_target: sum(EVENT_NO_REDIRECT_TARGET)?,
+            uid_flow_cap: sum(EVENT_UID_FLOW_CAP)?,
         })
     }
 
     /// An independent handle on the flow map (for the sweep, and removal by the divert proxy)
     /// that does not borrow the classifier.
     pub fn flow_table(&self) -> Result<FlowTable, InterceptorError> {
-        let id = match self.ebpf.map(MAP_FLOWS) {
-            Some(Map::HashMap(data)) => data.info().map_err(map_err(MAP_FLOWS))?.id(),
-            Some(_) => {
-                return Err(map_err(MAP_FLOWS)(MapError::InvalidMapType { map_type: 0 }));
-            }
-            None => return Err(InterceptorError::MissingMap(MAP_FLOWS)),
-        };
-        FlowTable::from_id(id)
+        FlowTable::from_ids(
+            self.hash_map_id(MAP_FLOWS)?,
+            self.hash_map_id(MAP_UID_FLOWS)?,
+        )
+    }
+
+    fn hash_map_id(&self, name: &'static str) -> Result<u32, InterceptorError> {
+        match self.ebpf.map(name) {
+            Some(Map::HashMap(data)) => Ok(data.info().map_err(map_err(name))?.id()),
+            Some(_) => Err(map_err(name)(MapError::InvalidMapType { map_type: 0 })),
+            None => Err(InterceptorError::MissingMap(name)),
+        }
+    }
+
+    /// Caps the divert flows recorded per socket uid (0 = no cap); see `hoshino-common`.
+    pub fn set_flows_per_uid(&mut self, cap: u32) -> Result<(), InterceptorError> {
+        let mut config = self.config;
+        config.flows_per_uid = cap;
+        self.write_config(config)
     }
 
     /// The classifier program, e.g. for `BPF_PROG_TEST_RUN` (`aya::programs::TestRun`).

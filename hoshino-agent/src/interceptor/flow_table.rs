@@ -1,6 +1,7 @@
-//! The classifier's flow map (`HOSHINO_FLOWS`, a plain hash; layout in `hoshino-common`) through
-//! a handle of its own, so the periodic sweep does not hold the classifier's lock (which the
-//! divert path takes per packet) while it walks up to `FLOW_CAPACITY` entries.
+//! The classifier's flow map (`HOSHINO_FLOWS`, a plain hash; layout in `hoshino-common`) and its
+//! per-uid counts (`HOSHINO_UID_FLOWS`) through handles of their own, so the periodic sweep does
+//! not hold the classifier's lock (which the divert path takes per packet) while it walks up to
+//! `FLOW_CAPACITY` entries.
 
 use std::time::Duration;
 
@@ -10,6 +11,7 @@ use hoshino_common::{FlowKey, FlowValue};
 use super::InterceptorError;
 
 const MAP_FLOWS: &str = "HOSHINO_FLOWS";
+const MAP_UID_FLOWS: &str = "HOSHINO_UID_FLOWS";
 
 /// How long a diverted flow may go without a packet before the sweep removes its entry (the
 /// divert proxy forgets idle flows after the same time).
@@ -24,9 +26,17 @@ fn map_err(source: MapError) -> InterceptorError {
     }
 }
 
-/// An independent handle on the flow map.
+fn uid_map_err(source: MapError) -> InterceptorError {
+    InterceptorError::Map {
+        map: MAP_UID_FLOWS,
+        source: Box::new(source),
+    }
+}
+
+/// An independent handle on the flow map and the per-uid counts.
 pub struct FlowTable {
     map: HashMap<MapData, FlowKey, FlowValue>,
+    uids: HashMap<MapData, u32, u32>,
 }
 
 impl std::fmt::Debug for FlowTable {
@@ -36,11 +46,46 @@ impl std::fmt::Debug for FlowTable {
 }
 
 impl FlowTable {
-    /// Opens the flow map with kernel id `id` (see `Classifier::flow_table`).
-    pub(crate) fn from_id(id: u32) -> Result<Self, InterceptorError> {
-        let data = MapData::from_id(id).map_err(map_err)?;
+    /// Opens the flow map and the per-uid counts by kernel id (see `Classifier::flow_table`).
+    pub(crate) fn from_ids(flows: u32, uid_flows: u32) -> Result<Self, InterceptorError> {
+        let data = MapData::from_id(flows).map_err(map_err)?;
         let map = HashMap::try_from(Map::HashMap(data)).map_err(map_err)?;
-        Ok(Self { map })
+        let data = MapData::from_id(uid_flows).map_err(uid_map_err)?;
+        let uids = HashMap::try_from(Map::HashMap(data)).map_err(uid_map_err)?;
+        Ok(Self { map, uids })
+    }
+
+    /// The recorded flow count of `uid` as the classifier sees it (for the per-uid cap).
+    pub fn uid_count(&self, uid: u32) -> Result<u32, InterceptorError> {
+        match self.uids.get(&uid, 0) {
+            Ok(count) => Ok(count),
+            Err(MapError::KeyNotFound) => Ok(0),
+            Err(e) => Err(uid_map_err(e)),
+        }
+    }
+
+    /// Recomputes the per-uid counts from the flow map (removals do not decrement them).
+    pub fn recount(&mut self) -> Result<(), InterceptorError> {
+        let entries = self.entries()?;
+        let counts = uid_counts(&entries);
+        let stale: Vec<u32> = self
+            .uids
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|uid| !counts.contains_key(uid))
+            .collect();
+        for uid in stale {
+            match self.uids.remove(&uid) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(MapError::SyscallError(e))
+                    if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => return Err(uid_map_err(e)),
+            }
+        }
+        for (uid, count) in counts {
+            self.uids.insert(uid, count, 0).map_err(uid_map_err)?;
+        }
+        Ok(())
     }
 
     /// The entry of one 5-tuple, if recorded.
@@ -77,7 +122,7 @@ impl FlowTable {
             .map_err(map_err)
     }
 
-    /// Removes every entry; returns how many were removed.
+    /// Removes every entry (and the per-uid counts); returns how many flows were removed.
     pub fn clear(&mut self) -> Result<usize, InterceptorError> {
         let keys: Vec<FlowKey> = self.map.keys().filter_map(Result::ok).collect();
         let mut removed = 0;
@@ -86,11 +131,12 @@ impl FlowTable {
                 removed += 1;
             }
         }
+        self.recount()?;
         Ok(removed)
     }
 
     /// Removes the entries idle longer than `idle` at `now_ns` (CLOCK_MONOTONIC, the clock of
-    /// `bpf_ktime_get_ns`); returns how many were removed.
+    /// `bpf_ktime_get_ns`), then recounts the per-uid counts; returns how many were removed.
     pub fn sweep(&mut self, now_ns: u64, idle: Duration) -> Result<usize, InterceptorError> {
         let entries = self.entries()?;
         let mut removed = 0;
@@ -103,8 +149,18 @@ impl FlowTable {
                 removed += 1;
             }
         }
+        self.recount()?;
         Ok(removed)
     }
+}
+
+/// Recorded flows per uid.
+pub fn uid_counts(entries: &[(FlowKey, FlowValue)]) -> std::collections::HashMap<u32, u32> {
+    let mut counts = std::collections::HashMap::new();
+    for (_, value) in entries {
+        *counts.entry(value.uid).or_insert(0u32) += 1;
+    }
+    counts
 }
 
 fn is_idle(value: &FlowValue, now_ns: u64, idle: Duration) -> bool {
@@ -164,6 +220,16 @@ mod tests {
             "exactly 300 s idle stays"
         );
         assert_eq!(ports(Duration::from_secs(299)), [1, 2, 3]);
+    }
+
+    #[test]
+    fn uid_counts_count_flows_per_uid() {
+        let mut entries = vec![flow(1, 0), flow(2, 0), flow(3, 0)];
+        entries[2].1.uid = 1000;
+        let counts = uid_counts(&entries);
+        assert_eq!(counts.get(&0), Some(&2));
+        assert_eq!(counts.get(&1000), Some(&1));
+        assert_eq!(counts.len(), 2);
     }
 
     #[test]

@@ -32,7 +32,7 @@ const LINK: &str = "link";
 const OBJECT: &str = "object";
 
 /// The maps of the classifier object that are pinned (every map it has).
-pub const PINNED_MAPS: [&str; 11] = [
+pub const PINNED_MAPS: [&str; 12] = [
     "HOSHINO_CONFIG",
     "HOSHINO_SETS",
     "HOSHINO_RULES",
@@ -42,6 +42,7 @@ pub const PINNED_MAPS: [&str; 11] = [
     "HOSHINO_SRC_V6",
     "HOSHINO_STATS",
     "HOSHINO_FLOWS",
+    "HOSHINO_UID_FLOWS",
     "HOSHINO_EVENTS",
     "AYA_LOGS",
 ];
