@@ -54,6 +54,8 @@ pub enum Command {
     Addr(AddrArgs),
     /// Attach the policy classifier to an interface; tunnel and divert what the policy says.
     Attach(crate::interceptor::attach_cmd::AttachArgs),
+    /// Remove the classifier `attach` left pinned on an interface (link, maps, pins).
+    Detach(crate::interceptor::detach_cmd::DetachArgs),
     /// Policy file tools.
     #[command(subcommand)]
     Policy(crate::policy::cli::PolicyCommand),

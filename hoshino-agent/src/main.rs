@@ -62,6 +62,14 @@ fn main() -> ExitCode {
             }
         },
         Command::Attach(args) => run_attach(args, &file, &config_path),
+        Command::Detach(args) => match hoshino_agent::interceptor::detach_cmd::run(&args) {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!("{e}");
+                eprintln!("hoshino-agent: {e}");
+                ExitCode::from(EXIT_RUNTIME)
+            }
+        },
         Command::Tunnel(args) => {
             let config = match args.resolve(&file, &config_path) {
                 Ok(c) => c,

@@ -179,6 +179,9 @@ pub struct Metrics {
     rules: RwLock<Vec<RuleCounter>>,
     /// The divert path's counters (the metadata proxy's among them).
     pub divert: std::sync::Arc<crate::interceptor::divert::counters::DivertStats>,
+    classifier_flow_table_full: AtomicU64,
+    classifier_no_redirect_target: AtomicU64,
+    classifier_uid_flow_cap: AtomicU64,
 }
 
 impl Metrics {
@@ -262,6 +265,20 @@ impl Metrics {
         if let Ok(mut r) = self.rules.write() {
             *r = rules;
         }
+    }
+
+    /// Sets the classifier's own drop counters (snapshots summed over CPUs from its maps).
+    pub fn set_classifier_drops(
+        &self,
+        flow_table_full: u64,
+        no_redirect_target: u64,
+        uid_flow_cap: u64,
+    ) {
+        self.classifier_flow_table_full
+            .store(flow_table_full, Relaxed);
+        self.classifier_no_redirect_target
+            .store(no_redirect_target, Relaxed);
+        self.classifier_uid_flow_cap.store(uid_flow_cap, Relaxed);
     }
 
     pub fn render(&self) -> String {
@@ -420,6 +437,14 @@ impl Metrics {
             "Doorbell PUTs made to wake idle receivers.",
             self.bells_rung.load(Relaxed),
         );
+        let name = "hoshino_classifier_drops_total";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Packets the classifier dropped besides drop rules: a new divert flow refused by the full flow table or the per-uid cap, or a redirect without a target.\n# TYPE {name} counter\n{name}{{reason=\"flow_table_full\"}} {}\n{name}{{reason=\"no_redirect_target\"}} {}\n{name}{{reason=\"uid_flow_cap\"}} {}",
+            self.classifier_flow_table_full.load(Relaxed),
+            self.classifier_no_redirect_target.load(Relaxed),
+            self.classifier_uid_flow_cap.load(Relaxed),
+        );
         let rules = self.rules.read().map(|r| r.clone()).unwrap_or_default();
         for (name, help, pick) in [
             (
@@ -471,6 +496,7 @@ mod tests {
             "hoshino_heartbeat_interval_seconds",
             "hoshino_heartbeat_idle",
             "hoshino_bundles_rejected_total",
+            "hoshino_classifier_drops_total",
             "hoshino_estimated_cost_dollars_total",
             "hoshino_rule_packets_total",
             "hoshino_rule_bytes_total",

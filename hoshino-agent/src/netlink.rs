@@ -1,7 +1,10 @@
 //! Interface configuration over rtnetlink: the node address (NODAD, so it is usable at once),
-//! MTU, link up, and the route of the network /64 to the TUN; and their removal.
+//! MTU, link up, and the route of the network /64 to the TUN; and their removal. Kernel state
+//! that is not ours stays: a route to the /64 that already exists is neither replaced nor
+//! removed, and a clsact qdisc is removed only by the one who added it.
 
 use std::net::{IpAddr, Ipv6Addr};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures::TryStreamExt;
 use netlink_packet_route::address::AddressHeaderFlags;
@@ -65,6 +68,8 @@ pub const TX_QUEUE_LEN: u32 = 10_000;
 pub struct Netlink {
     handle: Handle,
     task: tokio::task::JoinHandle<()>,
+    /// Whether `configure` added the /64 route (only then does `remove` delete it).
+    route_ours: AtomicBool,
 }
 
 impl Netlink {
@@ -72,11 +77,16 @@ impl Netlink {
     pub fn connect() -> Result<Netlink, NetlinkError> {
         let (conn, handle, _) = rtnetlink::new_connection().map_err(NetlinkError::Connect)?;
         let task = tokio::spawn(conn);
-        Ok(Netlink { handle, task })
+        Ok(Netlink {
+            handle,
+            task,
+            route_ours: AtomicBool::new(false),
+        })
     }
 
     /// MTU, address with NODAD (a TUN has no neighbours to collide with, and DAD would delay the
-    /// first packet by a second), link up, then the /64 route.
+    /// first packet by a second), link up, then the /64 route, created exclusively: if a route
+    /// to the /64 exists already (an administrator's), it is kept and logged, not replaced.
     pub async fn configure(&self, c: &LinkConfig) -> Result<(), NetlinkError> {
         let link = c.link.as_str();
         self.handle
@@ -109,9 +119,60 @@ impl Netlink {
             .destination_prefix(c.prefix.network(), 64)
             .output_interface(c.ifindex)
             .build();
-        match self.handle.route().add(route).replace().execute().await {
-            Ok(()) => Ok(()),
+        // No `replace()`: NLM_F_EXCL, so an existing route of the same metric is an EEXIST.
+        match self.handle.route().add(route).execute().await {
+            Ok(()) => {
+                self.route_ours.store(true, Ordering::SeqCst);
+                Ok(())
+            }
+            Err(e) if is_errno(&e, libc::EEXIST) => {
+                tracing::warn!(
+                    prefix = %c.prefix,
+                    tun = link,
+                    "a route to the network /64 exists already; keeping it (the agent adds none and removes none)"
+                );
+                Ok(())
+            }
             Err(e) => Err(classify("routing the network /64", link, e)),
+        }
+    }
+
+    /// Whether `configure` added the /64 route itself.
+    pub fn route_is_ours(&self) -> bool {
+        self.route_ours.load(Ordering::SeqCst)
+    }
+
+    /// Sets a link's transmit queue length (packets).
+    pub async fn set_tx_queue_len(
+        &self,
+        link: &str,
+        ifindex: u32,
+        len: u32,
+    ) -> Result<(), NetlinkError> {
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(ifindex).txqueuelen(len).build())
+            .execute()
+            .await
+            .map_err(|e| classify("setting the queue length", link, e))
+    }
+
+    /// Removes the clsact qdisc of `ifindex` (with every filter in it); call only for a qdisc
+    /// this process added. A qdisc already gone is fine.
+    pub async fn remove_clsact(&self, link: &str, ifindex: u32) -> Result<(), NetlinkError> {
+        let index = i32::try_from(ifindex).map_err(|_| NetlinkError::NoLink(link.to_string()))?;
+        let mut del = self.handle.qdisc().del(index);
+        let header = &mut del.message_mut().header;
+        header.parent = rtnetlink::packet_route::tc::TcHandle::CLSACT;
+        header.handle = rtnetlink::packet_route::tc::TcHandle {
+            major: 0xffff,
+            minor: 0,
+        };
+        match del.execute().await {
+            Ok(()) => Ok(()),
+            Err(e) if is_errno(&e, libc::ENOENT) || is_errno(&e, libc::EINVAL) => Ok(()),
+            Err(e) if is_errno(&e, libc::ENODEV) => Ok(()),
+            Err(e) => Err(classify("removing the clsact qdisc", link, e)),
         }
     }
 
@@ -125,7 +186,9 @@ impl Netlink {
             .destination_prefix(c.prefix.network(), 64)
             .output_interface(c.ifindex)
             .build();
-        if let Err(e) = self.handle.route().del(route).execute().await
+        // Only the route we added: an administrator's route to the /64 stays.
+        if self.route_ours.swap(false, Ordering::SeqCst)
+            && let Err(e) = self.handle.route().del(route).execute().await
             && !is_errno(&e, libc::ESRCH)
             && !is_errno(&e, libc::ENODEV)
         {

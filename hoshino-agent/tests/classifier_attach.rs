@@ -15,7 +15,8 @@ use std::{
 
 use aya::programs::{SchedClassifier, TcAttachType};
 use hoshino_agent::interceptor::{
-    AttachMode, Classifier, ClassifierOptions, Direction, PolicySpec, RuleSpec,
+    Adoption, AttachMode, Classifier, ClassifierOptions, Direction, PolicySpec, RuleSpec,
+    detach_pinned,
 };
 use hoshino_common::Verdict;
 
@@ -378,7 +379,7 @@ fn read_udp_from_tun(tun: &mut File, port: u16, timeout: Duration) -> Vec<Vec<u8
 }
 
 #[test]
-fn tunnel_verdict_redirects_into_a_tun_records_uids_and_reinjected_packets_bypass() {
+fn divert_verdict_redirects_into_a_tun_records_uids_and_reinjected_packets_bypass() {
     let pair = Pair::new();
     let receiver = UdpReceiver::spawn(&pair.b, TUNNEL_PORT);
     let a = pair.a.clone();
@@ -391,13 +392,13 @@ fn tunnel_verdict_redirects_into_a_tun_records_uids_and_reinjected_packets_bypas
         let tun_ifindex = unsafe { libc::if_nametoindex(c"hst0".as_ptr()) };
         assert_ne!(tun_ifindex, 0);
         let mut classifier = Classifier::load(&ClassifierOptions {
-            tunnel_ifindex: tun_ifindex,
-            divert_ifindex: 0,
+            tunnel_ifindex: 0,
+            divert_ifindex: tun_ifindex,
             reinject_mark: REINJECT_MARK,
             log_verdicts: true,
         })
         .unwrap();
-        let mut tunnel = RuleSpec::new("to-tun", Verdict::Tunnel);
+        let mut tunnel = RuleSpec::new("to-tun", Verdict::Divert);
         tunnel.dst = vec![ADDR_B.parse().unwrap()];
         tunnel.proto = Some(17);
         tunnel.dst_ports = Some(TUNNEL_PORT..=TUNNEL_PORT);
@@ -498,6 +499,17 @@ fn clsact_filter_classifies_real_traffic_and_is_removed_on_detach() {
         ready_tx.send(mode).unwrap();
         from_main.recv().unwrap();
         classifier.detach().unwrap();
+        // The qdisc was added by this classifier, so it is ours to remove (as `attach` does).
+        assert_eq!(classifier.created_clsact(), ["va"]);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let netlink = hoshino_agent::netlink::Netlink::connect().unwrap();
+            let ifindex = netlink.link_index("va").await.unwrap().unwrap();
+            netlink.remove_clsact("va", ifindex).await.unwrap();
+        });
     });
     let mode = ready_rx.recv().unwrap();
     assert_eq!(mode, AttachMode::Netlink);
@@ -517,5 +529,167 @@ fn clsact_filter_classifies_real_traffic_and_is_removed_on_detach() {
         !tc_filters(&pair.a, "va").contains("bpf"),
         "detach removes the filter"
     );
+    let qdiscs = sh(&["tc", "-n", &pair.a, "qdisc", "show", "dev", "va"]);
+    let qdiscs = String::from_utf8_lossy(&qdiscs.stdout);
+    assert!(
+        !qdiscs.contains("clsact"),
+        "the qdisc we added is gone: {qdiscs}"
+    );
     assert!(pair.ping(ADDR_B), "after detach ICMP passes again");
+}
+
+const PINNED_CHILD_ENV: &str = "HOSHINO_TEST_PINNED_CHILD";
+
+/// A pin root of this test under /sys/fs/bpf (the library mounts bpffs there if needed),
+/// removed on drop.
+struct PinRoot(std::path::PathBuf);
+
+impl PinRoot {
+    fn new() -> Self {
+        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+        Self(std::path::PathBuf::from(format!(
+            "/sys/fs/bpf/hoshino-test-{}-{n}",
+            std::process::id()
+        )))
+    }
+}
+
+impl Drop for PinRoot {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn a_pinned_attachment_outlives_a_sigkilled_process_is_adopted_and_detached() {
+    let pair = Pair::new();
+    let root = PinRoot::new();
+    let exe = std::env::current_exe().unwrap();
+    let mut child = Command::new(exe)
+        .args([
+            "--exact",
+            "attach_pinned_and_wait_child",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(CHILD_ENV, &pair.a)
+        .env(PINNED_CHILD_ENV, &root.0)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    loop {
+        match lines.next() {
+            Some(Ok(line)) if line.contains("ATTACHED") => break,
+            Some(Ok(_)) => {}
+            other => {
+                let _ = child.kill();
+                panic!("child ended before attaching: {other:?}");
+            }
+        }
+    }
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+
+    assert_eq!(
+        tcx_programs(&pair.a, "va"),
+        1,
+        "still attached after kill -9"
+    );
+    assert!(root.0.join("va/link").exists());
+    assert!(!pair.ping(ADDR_B), "its in-kernel drop rule keeps working");
+
+    let a = pair.a.clone();
+    let dir = root.0.clone();
+    let adoption = in_netns(&pair.a, move || {
+        let mut classifier =
+            Classifier::load_pinned(&ClassifierOptions::default(), &dir, "va", Direction::Egress)
+                .unwrap();
+        let adoption = classifier.adoption();
+        classifier.install_spec(&test_policy()).unwrap();
+        classifier.attach("va", Direction::Egress).unwrap();
+        let programs = tcx_programs(&a, "va");
+        drop(classifier); // a pinned classifier stays attached when dropped
+        (adoption, programs, tcx_programs(&a, "va"))
+    });
+    assert_eq!(adoption.0, Some(Adoption::Adopted));
+    assert_eq!(
+        adoption.1, 1,
+        "adopted: swapped into the link, no second program"
+    );
+    assert_eq!(
+        adoption.2, 1,
+        "dropping a pinned classifier leaves it attached"
+    );
+
+    let dir = root.0.clone();
+    let removed = in_netns(&pair.a, move || detach_pinned(&dir, "va").unwrap());
+    assert!(removed);
+    assert_eq!(tcx_programs(&pair.a, "va"), 0);
+    assert!(!root.0.join("va").exists(), "no pins left");
+    assert!(pair.ping(ADDR_B), "traffic flows after detach");
+}
+
+/// Helper process: attaches pinned in the namespace named by `CHILD_ENV` under the pin root
+/// `PINNED_CHILD_ENV`, prints ATTACHED and waits to be killed.
+#[test]
+#[ignore = "helper process of a_pinned_attachment_outlives_a_sigkilled_process_is_adopted_and_detached"]
+fn attach_pinned_and_wait_child() {
+    let (Ok(ns), Ok(root)) = (std::env::var(CHILD_ENV), std::env::var(PINNED_CHILD_ENV)) else {
+        return;
+    };
+    enter_netns(&format!("/var/run/netns/{ns}"));
+    let mut classifier = Classifier::load_pinned(
+        &ClassifierOptions::default(),
+        std::path::Path::new(&root),
+        "va",
+        Direction::Egress,
+    )
+    .unwrap();
+    assert_eq!(classifier.adoption(), Some(Adoption::Fresh));
+    classifier.install_spec(&test_policy()).unwrap();
+    assert_eq!(
+        classifier.attach("va", Direction::Egress).unwrap(),
+        AttachMode::Tcx
+    );
+    println!("ATTACHED");
+    thread::sleep(Duration::from_secs(120));
+    drop(classifier);
+}
+
+/// On kernels without TCX a crashed agent leaves its clsact filter behind (it outlives the
+/// process); the next attach removes it, so no dead agent's maps judge packets.
+#[test]
+fn a_clsact_filter_left_by_a_crashed_agent_is_removed_at_the_next_attach() {
+    let pair = Pair::new();
+    let a = pair.a.clone();
+    in_netns(&pair.a, move || {
+        let mut crashed = Classifier::load(&ClassifierOptions::default()).unwrap();
+        crashed.install_spec(&test_policy()).unwrap();
+        crashed.attach_clsact("va", Direction::Egress).unwrap();
+        // Like a crash: no detach runs, the netlink filter stays in the kernel.
+        std::mem::forget(crashed);
+        assert!(tc_filters(&a, "va").contains("bpf"), "the leftover filter");
+    });
+    assert!(!pair.ping(ADDR_B), "the leftover filter still drops ICMP");
+    let a = pair.a.clone();
+    let filters = in_netns(&pair.a, move || {
+        let mut classifier = Classifier::load(&ClassifierOptions::default()).unwrap();
+        let pass_all = PolicySpec {
+            rules: Vec::new(),
+            default_verdict: Verdict::Pass,
+        };
+        classifier.install_spec(&pass_all).unwrap();
+        assert_eq!(
+            classifier.attach("va", Direction::Egress).unwrap(),
+            AttachMode::Tcx
+        );
+        let filters = tc_filters(&a, "va");
+        classifier.detach().unwrap();
+        filters
+    });
+    assert!(!filters.contains("bpf"), "removed at attach: {filters}");
+    assert!(pair.ping(ADDR_B));
 }

@@ -453,29 +453,247 @@ fn reinjected_packets_pass_untouched_and_uncounted() {
 }
 
 #[test]
-fn diverted_and_tunnelled_flows_record_the_socket_uid() {
-    let mut metadata = with_dst(rule("metadata", Verdict::Divert), &["169.254.169.254"]);
-    metadata.proto = Some(TCP);
-    let ula = with_dst(rule("ula", Verdict::Tunnel), &["fd68::/16"]);
-    let mut c = classifier(&policy(vec![metadata, ula], Verdict::Pass));
+fn divert_verdicts_record_the_socket_uid_and_tunnel_verdicts_record_no_flow() {
+    let mut c = flow_classifier();
     assert_eq!(run(&mut c, &v4_tcp("169.254.169.254", 80)), TC_ACT_REDIRECT);
     assert_eq!(
         run(&mut c, &ipv6("fd68::1", &[], UDP, &ports(7, 9))),
         TC_ACT_REDIRECT
     );
-    let key = flow_key(
-        IpAddr::V4("192.0.2.1".parse().unwrap()),
-        IpAddr::V4("169.254.169.254".parse().unwrap()),
-        TCP,
-        40000,
-        80,
-    );
-    let flow = c.flow(&key).unwrap().expect("diverted flow recorded");
+    let flow = c
+        .flow(&imds_key(40000))
+        .unwrap()
+        .expect("diverted flow recorded");
     // BPF_PROG_TEST_RUN gives the packet a fake socket owned by root.
     assert_eq!(flow.uid, 0);
     assert_eq!(flow.verdict, Verdict::Divert as u8);
     assert_eq!(flow.rule, 0);
-    assert_eq!(c.flows().unwrap().len(), 2);
+    assert_eq!(
+        c.flows().unwrap().len(),
+        1,
+        "the tunnelled packet takes no room in the flow table"
+    );
+}
+
+// ---- the flow table (divert verdicts) ------------------------------------------------------
+
+const FLOW_POLICY: &str = r#"
+default = "pass"
+
+[[rule]]
+name = "imds"
+dst = ["169.254.169.254/32"]
+protocol = "tcp"
+dport = 80
+action = "divert"
+then = "reinject"
+
+[[rule]]
+name = "ula"
+dst = ["fd68::/16"]
+action = "tunnel"
+
+[[rule]]
+name = "blocked"
+dst = ["198.51.100.0/24"]
+action = "drop"
+"#;
+
+/// A classifier with [`FLOW_POLICY`], compiled by the production compiler.
+fn flow_classifier() -> Classifier {
+    let compiled =
+        hoshino_agent::policy::compile_text("flows.toml", FLOW_POLICY).expect("policy compiles");
+    let mut c = Classifier::load(&ClassifierOptions {
+        tunnel_ifindex: TUNNEL_IFINDEX,
+        divert_ifindex: DIVERT_IFINDEX,
+        reinject_mark: REINJECT_MARK,
+        log_verdicts: false,
+    })
+    .expect("load classifier (run as root)");
+    c.install(&compiled).expect("install policy");
+    c
+}
+
+const SYN: u8 = 0x02;
+const ACK: u8 = 0x10;
+
+/// A TCP segment from 192.0.2.1:`sport` to the metadata address, port 80, with `flags`.
+fn imds_segment(sport: u16, flags: u8) -> Vec<u8> {
+    let mut l4 = ports(sport, 80);
+    l4[12] = 0x50;
+    l4[13] = flags;
+    ipv4(TCP, "192.0.2.1", "169.254.169.254", 0, &l4)
+}
+
+fn imds_key(sport: u16) -> hoshino_common::FlowKey {
+    flow_key(
+        IpAddr::V4("192.0.2.1".parse().unwrap()),
+        IpAddr::V4("169.254.169.254".parse().unwrap()),
+        TCP,
+        sport,
+        80,
+    )
+}
+
+#[test]
+fn a_syn_on_a_recorded_tuple_starts_a_new_flow_and_later_segments_keep_it() {
+    let mut c = flow_classifier();
+    assert_eq!(run(&mut c, &imds_segment(41000, SYN)), TC_ACT_REDIRECT);
+    let first = c.flow(&imds_key(41000)).unwrap().expect("recorded");
+    assert_eq!(first.started_ns, first.last_seen_ns);
+
+    assert_eq!(run(&mut c, &imds_segment(41000, ACK)), TC_ACT_REDIRECT);
+    let later = c.flow(&imds_key(41000)).unwrap().expect("still recorded");
+    assert_eq!(
+        later.started_ns, first.started_ns,
+        "an ACK continues the flow"
+    );
+    assert!(later.last_seen_ns > first.last_seen_ns);
+
+    // A SYN with ACK (the answer of a simultaneous open) is not a new connection either.
+    assert_eq!(
+        run(&mut c, &imds_segment(41000, SYN | ACK)),
+        TC_ACT_REDIRECT
+    );
+    assert_eq!(
+        c.flow(&imds_key(41000)).unwrap().unwrap().started_ns,
+        first.started_ns
+    );
+
+    assert_eq!(run(&mut c, &imds_segment(41000, SYN)), TC_ACT_REDIRECT);
+    let reused = c.flow(&imds_key(41000)).unwrap().expect("recorded");
+    assert!(
+        reused.started_ns > later.last_seen_ns,
+        "a new SYN on the tuple replaces the entry: {reused:?} after {later:?}"
+    );
+    assert_eq!(c.flows().unwrap().len(), 1);
+}
+
+#[test]
+fn a_full_flow_table_refuses_new_divert_flows_but_keeps_existing_ones() {
+    let mut c = flow_classifier();
+    assert_eq!(run(&mut c, &imds_segment(42000, SYN)), TC_ACT_REDIRECT);
+    let mut table = c.flow_table().unwrap();
+    let filler = hoshino_common::FlowValue::default();
+    let mut filled = 1usize;
+    for n in 0..hoshino_common::FLOW_CAPACITY {
+        let mut key = imds_key(0);
+        key.src[4..8].copy_from_slice(&n.to_be_bytes());
+        if table.insert(&key, &filler).is_err() {
+            break;
+        }
+        filled += 1;
+    }
+    assert_eq!(
+        filled,
+        hoshino_common::FLOW_CAPACITY as usize,
+        "the table is full"
+    );
+
+    assert_eq!(
+        run(&mut c, &imds_segment(42001, SYN)),
+        TC_ACT_SHOT,
+        "a new flow is refused (dropped), not admitted by evicting one"
+    );
+    assert!(c.flow(&imds_key(42001)).unwrap().is_none());
+    assert_eq!(c.events().unwrap().flow_table_full, 1);
+
+    assert_eq!(
+        run(&mut c, &imds_segment(42000, ACK)),
+        TC_ACT_REDIRECT,
+        "the live flow goes on"
+    );
+    assert_eq!(
+        run(&mut c, &imds_segment(42000, SYN)),
+        TC_ACT_REDIRECT,
+        "a new SYN on a recorded tuple replaces its entry even in a full table"
+    );
+    assert_eq!(
+        run(&mut c, &ipv6("fd68::1", &[], UDP, &ports(7, 9))),
+        TC_ACT_REDIRECT,
+        "tunnel verdicts need no entry"
+    );
+    assert_eq!(run(&mut c, &v4_udp("198.51.100.7", 53)), TC_ACT_SHOT);
+    assert_eq!(run(&mut c, &v4_udp("10.0.0.1", 53)), TC_ACT_OK);
+    assert_eq!(
+        c.events().unwrap().flow_table_full,
+        1,
+        "pass, drop and tunnel verdicts are not refused"
+    );
+
+    // Once the agent removes an entry, a new flow is admitted again.
+    assert!(table.remove(&imds_key(42000)).unwrap());
+    assert_eq!(run(&mut c, &imds_segment(42001, SYN)), TC_ACT_REDIRECT);
+}
+
+#[test]
+fn a_uid_at_its_flow_cap_is_refused_new_flows_until_the_recount_frees_room() {
+    let mut c = flow_classifier();
+    c.set_flows_per_uid(2).unwrap();
+    // BPF_PROG_TEST_RUN's fake socket is root's: every flow here is uid 0's.
+    assert_eq!(run(&mut c, &imds_segment(44000, SYN)), TC_ACT_REDIRECT);
+    assert_eq!(run(&mut c, &imds_segment(44001, SYN)), TC_ACT_REDIRECT);
+    assert_eq!(
+        run(&mut c, &imds_segment(44002, SYN)),
+        TC_ACT_SHOT,
+        "a third flow of the same uid is refused"
+    );
+    assert_eq!(c.events().unwrap().uid_flow_cap, 1);
+    assert_eq!(c.events().unwrap().flow_table_full, 0);
+    assert_eq!(
+        run(&mut c, &imds_segment(44000, ACK)),
+        TC_ACT_REDIRECT,
+        "its recorded flows go on"
+    );
+    assert_eq!(
+        run(&mut c, &imds_segment(44001, SYN)),
+        TC_ACT_REDIRECT,
+        "a SYN reusing its own tuple is no extra flow"
+    );
+    let mut table = c.flow_table().unwrap();
+    assert_eq!(table.uid_count(0).unwrap(), 2);
+    assert!(table.remove(&imds_key(44000)).unwrap());
+    // Removal alone does not decrement; the sweep's recount does.
+    assert_eq!(run(&mut c, &imds_segment(44002, SYN)), TC_ACT_SHOT);
+    table
+        .sweep(
+            hoshino_agent::interceptor::monotonic_now_ns(),
+            hoshino_agent::interceptor::FLOW_IDLE_TIMEOUT,
+        )
+        .unwrap();
+    assert_eq!(table.uid_count(0).unwrap(), 1);
+    assert_eq!(run(&mut c, &imds_segment(44002, SYN)), TC_ACT_REDIRECT);
+    assert_eq!(table.uid_count(0).unwrap(), 2);
+}
+
+#[test]
+fn the_sweep_removes_flows_idle_past_the_timeout_only() {
+    let mut c = flow_classifier();
+    assert_eq!(run(&mut c, &imds_segment(43000, SYN)), TC_ACT_REDIRECT);
+    let mut table = c.flow_table().unwrap();
+    let stale = imds_key(43001);
+    table
+        .insert(
+            &stale,
+            &hoshino_common::FlowValue {
+                last_seen_ns: 1,
+                started_ns: 1,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let now = hoshino_agent::interceptor::monotonic_now_ns();
+    let removed = table
+        .sweep(now, hoshino_agent::interceptor::FLOW_IDLE_TIMEOUT)
+        .unwrap();
+    assert_eq!(removed, 1);
+    assert!(c.flow(&stale).unwrap().is_none());
+    assert!(
+        c.flow(&imds_key(43000)).unwrap().is_some(),
+        "the live flow stays"
+    );
+    assert_eq!(table.clear().unwrap(), 1);
+    assert!(c.flows().unwrap().is_empty());
 }
 
 #[test]

@@ -17,7 +17,9 @@
 //! | `HOSHINO_DST_V4`, `HOSHINO_SRC_V4` | LPM trie | [`LpmV4`] (`prefix_len`, data) | [`RuleSet`] | [`LPM_CAPACITY`] |
 //! | `HOSHINO_DST_V6`, `HOSHINO_SRC_V6` | LPM trie | [`LpmV6`] | [`RuleSet`] | [`LPM_CAPACITY`] |
 //! | `HOSHINO_STATS` | per-CPU array | [`stats_index`]`(set, slot)` | [`RuleStats`] | `MAP_SETS * STATS_SLOTS` |
-//! | `HOSHINO_FLOWS` | LRU hash | [`FlowKey`] | [`FlowValue`] | [`FLOW_CAPACITY`] |
+//! | `HOSHINO_FLOWS` | hash (not LRU) | [`FlowKey`] | [`FlowValue`] | [`FLOW_CAPACITY`] |
+//! | `HOSHINO_UID_FLOWS` | hash | socket uid `u32` | recorded flows `u32` | [`UID_FLOWS_CAPACITY`] |
+//! | `HOSHINO_EVENTS` | per-CPU array | `EVENT_*` index | `u64` count | [`EVENT_SLOTS`] |
 //!
 //! ## LPM keys
 //! The first data byte of an LPM key is the map set, followed by the address in network byte
@@ -50,8 +52,27 @@
 //! only matches rules that have no prefix, protocol and port constraint (the `any` masks).
 //!
 //! ## Flows
-//! For `tunnel` and `divert` verdicts the classifier records the 5-tuple's socket uid in
-//! `HOSHINO_FLOWS` (an LRU hash), so the agent can decide per uid for diverted flows.
+//! For `divert` verdicts only (tunnel traffic must not crowd out the flows that uid decisions
+//! rest on) the classifier records the 5-tuple's socket uid, rule and map set in
+//! `HOSHINO_FLOWS`, so the agent can decide per uid for diverted flows. The map is a plain hash,
+//! not an LRU: a full table refuses a *new* flow (its packet is dropped and counted in
+//! `HOSHINO_EVENTS[`[`EVENT_FLOW_TABLE_FULL`]`]`) instead of evicting a live one. A packet of a
+//! recorded flow updates the entry in place (uid, rule, set, [`FlowValue::last_seen_ns`]); a TCP
+//! SYN without ACK starts a new flow on that 4-tuple (the entry is rewritten and
+//! [`FlowValue::started_ns`] reset). The agent removes entries: the divert proxy when it is done
+//! with a flow, a periodic sweep of entries idle longer than the agent's idle timeout, and a clear
+//! when an agent starts or adopts a pinned classifier (the previous agent's flows died with it).
+//!
+//! A per-uid cap ([`Config::flows_per_uid`]) keeps one user from filling the table for
+//! everyone: `HOSHINO_UID_FLOWS` counts each uid's flows, incremented by the classifier when it
+//! records a new flow (a new 4-tuple, or a SYN that moves a tuple to another uid), and
+//! recomputed from `HOSHINO_FLOWS` by the agent's sweep (removals do not decrement it, so the
+//! count may run high until the next sweep, never low for long). A new flow of a uid at the cap
+//! is dropped and counted in `HOSHINO_EVENTS[`[`EVENT_UID_FLOW_CAP`]`]`.
+//!
+//! ## Events
+//! `HOSHINO_EVENTS` counts per CPU what the classifier did besides rule verdicts, indexed by the
+//! `EVENT_*` constants; the agent sums the CPUs and shows them as metrics.
 #![no_std]
 
 /// How many rules a policy may have (bits in a [`RuleSet`]).
@@ -70,6 +91,17 @@ pub const LPM_CAPACITY: u32 = 32_768;
 pub const LPM_ENTRIES_PER_SET: u32 = LPM_CAPACITY / MAP_SETS;
 /// Capacity of the flow map.
 pub const FLOW_CAPACITY: u32 = 65_536;
+/// Slots of `HOSHINO_EVENTS`.
+pub const EVENT_SLOTS: u32 = 4;
+/// `HOSHINO_EVENTS` slot: a divert packet of a new flow dropped because `HOSHINO_FLOWS` is full.
+pub const EVENT_FLOW_TABLE_FULL: u32 = 0;
+/// `HOSHINO_EVENTS` slot: a tunnel/divert packet dropped because its redirect target is 0.
+pub const EVENT_NO_REDIRECT_TARGET: u32 = 1;
+/// `HOSHINO_EVENTS` slot: a divert packet of a new flow dropped because its uid is at the cap.
+pub const EVENT_UID_FLOW_CAP: u32 = 2;
+/// Capacity of `HOSHINO_UID_FLOWS` (distinct uids with recorded flows); a uid that finds no room
+/// there goes uncounted (admitted) until the agent's next recount.
+pub const UID_FLOWS_CAPACITY: u32 = 8_192;
 /// What `bpf_get_socket_uid` returns for a packet without a full socket.
 pub const UID_NO_SOCKET: u32 = 65_534;
 
@@ -241,8 +273,9 @@ pub struct Config {
     pub reinject_mark: u32,
     /// `CONFIG_*` bits.
     pub flags: u32,
-    /// Zero.
-    pub _pad: u32,
+    /// At most this many recorded divert flows per socket uid (`HOSHINO_UID_FLOWS`); a new flow
+    /// beyond it is refused like one in a full table. 0 = no per-uid cap.
+    pub flows_per_uid: u32,
 }
 
 /// [`Config::flags`]: the classifier is enabled; while clear every packet passes uncounted
@@ -302,6 +335,9 @@ pub struct FlowValue {
     pub _pad: [u8; 6],
     /// `bpf_ktime_get_ns` of the latest packet (CLOCK_MONOTONIC).
     pub last_seen_ns: u64,
+    /// `bpf_ktime_get_ns` of the packet that started the flow: its first recorded packet, or the
+    /// latest SYN without ACK on this 4-tuple (a new connection reusing the tuple).
+    pub started_ns: u64,
 }
 
 #[cfg(feature = "user")]
@@ -330,7 +366,7 @@ mod tests {
         assert_eq!(size_of::<Config>(), 24);
         assert_eq!(size_of::<RuleStats>(), 16);
         assert_eq!(size_of::<FlowKey>(), 40);
-        assert_eq!(size_of::<FlowValue>(), 24);
+        assert_eq!(size_of::<FlowValue>(), 32);
     }
 
     #[test]

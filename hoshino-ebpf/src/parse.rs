@@ -40,6 +40,9 @@ pub struct Packet {
     pub has_ports: bool,
     pub src_port: u16,
     pub dst_port: u16,
+    /// TCP flags byte (FIN 0x01, SYN 0x02, RST 0x04, PSH 0x08, ACK 0x10); 0 if not TCP or not
+    /// readable.
+    pub tcp_flags: u8,
 }
 
 impl Packet {
@@ -53,6 +56,7 @@ impl Packet {
             has_ports: false,
             src_port: 0,
             dst_port: 0,
+            tcp_flags: 0,
         }
     }
 }
@@ -174,5 +178,10 @@ fn read_ports(ctx: &TcContext, l4: usize, pkt: &mut Packet) {
         pkt.has_ports = true;
         pkt.src_port = u16::from_be_bytes([ports[0], ports[1]]);
         pkt.dst_port = u16::from_be_bytes([ports[2], ports[3]]);
+    }
+    if pkt.proto == IPPROTO_TCP
+        && let Ok(flags) = ctx.load::<u8>(l4 + 13)
+    {
+        pkt.tcp_flags = flags;
     }
 }

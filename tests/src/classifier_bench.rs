@@ -132,6 +132,7 @@ struct Pair {
     sender: Namespace,
     receiver: Namespace,
     scratch: ScratchDir,
+    pins: crate::bpffs::PinRoot,
 }
 
 impl Pair {
@@ -167,6 +168,7 @@ impl Pair {
             sender,
             receiver,
             scratch,
+            pins: crate::bpffs::PinRoot::create("bench")?,
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         while command::output(
@@ -274,6 +276,10 @@ fn attach(pair: &Pair, agent_bin: &Path, policy: &Path, round: u32) -> anyhow::R
         .command(agent_bin)
         .args(["attach", "--interface", "eth0", "--policy"])
         .arg(policy)
+        // Each round measures its own configuration: the classifier goes with the agent.
+        .arg("--detach-on-exit")
+        .arg("--pin-dir")
+        .arg(pair.pins.path())
         .env("RUST_LOG", "info")
         .stdout(log.try_clone()?)
         .stderr(log)

@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod binaries;
+pub mod bpffs;
 pub mod bundle_forge;
 pub mod classifier_bench;
 pub mod command;

@@ -128,7 +128,9 @@ pub fn measure(policy: &Path, samples: usize) -> Result<ProxyLatency, MetadataBe
         std::thread::sleep(Duration::from_millis(100));
     }
     let direct_ms = timed(&client, &url, samples, "direct")?;
-    let agent = attach(&client, scratch.path(), policy)?;
+    let pins = crate::bpffs::PinRoot::create("bench-imds")
+        .map_err(|e| MetadataBenchError::Setup(format!("test bpffs: {e}")))?;
+    let agent = attach(&client, scratch.path(), policy, pins.path())?;
     let attached_ms = timed(&client, &url, samples, "attached");
     drop(agent);
     Ok(ProxyLatency {
@@ -189,7 +191,12 @@ fn fetch_ms(ns: &Namespace, url: &str) -> Result<f64, String> {
         .map_err(|e| format!("curl -w output: {e}"))
 }
 
-fn attach(ns: &Namespace, dir: &Path, policy: &Path) -> Result<Spawned, MetadataBenchError> {
+fn attach(
+    ns: &Namespace,
+    dir: &Path,
+    policy: &Path,
+    pins: &Path,
+) -> Result<Spawned, MetadataBenchError> {
     let log = dir.join("agent-attach.log");
     let setup_err = |e: std::io::Error| MetadataBenchError::Setup(format!("agent log: {e}"));
     let out = File::create(&log).map_err(setup_err)?;
@@ -199,6 +206,10 @@ fn attach(ns: &Namespace, dir: &Path, policy: &Path) -> Result<Spawned, Metadata
         .command(agent)
         .args(["attach", "--interface", "eth0", "--policy"])
         .arg(policy)
+        // The classifier goes with the agent: the bench leaves nothing pinned.
+        .arg("--detach-on-exit")
+        .arg("--pin-dir")
+        .arg(pins)
         .env("NO_COLOR", "1")
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())

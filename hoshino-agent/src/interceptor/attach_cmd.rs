@@ -1,5 +1,8 @@
 //! `hoshino-agent attach`: the classifier on an interface, the tunnel for `tunnel` verdicts,
-//! the divert loop for `divert` verdicts; SIGHUP reloads the policy, SIGINT/SIGTERM detach.
+//! the divert loop for `divert` verdicts; SIGHUP reloads the policy. The classifier is pinned in
+//! bpffs and stays attached when the agent exits, however it exits (fail closed: diverted and
+//! tunnelled traffic is dropped until an agent adopts it again); `--detach-on-exit` removes it on
+//! SIGINT/SIGTERM, `hoshino-agent detach` at any time.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
@@ -11,18 +14,26 @@ use tokio::sync::watch;
 
 use super::divert::device::{DeviceError, DivertTun, Reinjector};
 use super::divert::service::{self, DivertContext, FlowLookup, PolicySets};
-use super::{Classifier, ClassifierOptions, Direction, InterceptorError, forward_logs};
+use super::{
+    Classifier, ClassifierOptions, DEFAULT_PIN_ROOT, Direction, FLOW_IDLE_TIMEOUT,
+    FLOW_SWEEP_EVERY, FlowTable, InterceptorError, forward_logs, monotonic_now_ns,
+};
 use crate::cli::{CliError, ConfigFile, TunnelArgs};
 use crate::metrics::{Metrics, RuleCounter};
 use crate::policy::{self, CompiledPolicy, PolicyError, Verdict};
 use crate::tunnel::{Tunnel, TunnelError};
 
+/// Default per-uid cap of recorded divert flows (a sixteenth of the table).
+pub const DEFAULT_FLOWS_PER_UID: u32 = hoshino_common::FLOW_CAPACITY / 16;
 /// Default name of the divert TUN.
 pub const DEFAULT_DIVERT_TUN: &str = "hoshinodv0";
 /// Default mark of reinjected packets ("hsno"); any nonzero value no one else uses works.
 pub const DEFAULT_REINJECT_MARK: u32 = 0x6873_6e6f;
 /// How often the kernel's per-rule counters are copied into the metrics.
 const COUNTERS_EVERY: Duration = Duration::from_secs(1);
+/// The divert TUN's transmit queue, in packets: the classifier redirects bursts into it faster
+/// than the agent reads them (the kernel default, 500, overflowed); as for the tunnel TUN.
+pub const DIVERT_TX_QUEUE_LEN: u32 = crate::netlink::TX_QUEUE_LEN;
 
 /// `hoshino-agent attach --interface IF --policy FILE [TUNNEL FLAGS]`.
 #[derive(Debug, Clone, Args)]
@@ -47,6 +58,18 @@ pub struct AttachArgs {
     /// Log the classifier's verdicts (aya-log, at debug level, rate limited).
     #[arg(long, env = "HOSHINO_LOG_VERDICTS", help_heading = "Interceptor")]
     pub log_verdicts: bool,
+    /// bpffs directory under which the classifier is pinned, as `<DIR>/<interface>/` (bpffs is
+    /// mounted at /sys/fs/bpf if nothing is).
+    #[arg(long, env = "HOSHINO_PIN_DIR", help_heading = "Interceptor", value_name = "DIR", default_value = DEFAULT_PIN_ROOT)]
+    pub pin_dir: PathBuf,
+    /// On SIGINT/SIGTERM remove the pinned classifier (by default it stays attached, dropping
+    /// diverted traffic until the next agent adopts it, so a restart never passes it unjudged).
+    #[arg(long, env = "HOSHINO_DETACH_ON_EXIT", help_heading = "Interceptor")]
+    pub detach_on_exit: bool,
+    /// Divert flows the kernel records per socket uid at once (0 = no cap); a user's new flow
+    /// beyond it is dropped, so one user cannot fill the 65,536-flow table for everyone.
+    #[arg(long, env = "HOSHINO_FLOWS_PER_UID", help_heading = "Interceptor", value_name = "N", default_value_t = DEFAULT_FLOWS_PER_UID)]
+    pub flows_per_uid: u32,
     /// The tunnel carrying `tunnel` verdicts; started when a bucket is configured.
     #[command(flatten)]
     pub tunnel: TunnelArgs,
@@ -84,6 +107,8 @@ pub enum AttachError {
     Metrics(String),
     #[error("cannot install the SIGHUP handler: {0}")]
     Signal(#[source] std::io::Error),
+    #[error(transparent)]
+    Netlink(crate::netlink::NetlinkError),
 }
 
 impl AttachError {
@@ -109,17 +134,19 @@ fn tunnel_rule(policy: &CompiledPolicy) -> Option<&str> {
         .map(|r| r.name.value.as_str())
 }
 
-struct ClassifierFlows(Arc<Mutex<Classifier>>);
+/// The divert path's view of the flow map: its own handle, so per-connection lookups never wait
+/// for the classifier lock that a policy reload holds.
+struct ClassifierFlows(Arc<Mutex<FlowTable>>);
 
 impl FlowLookup for ClassifierFlows {
     fn lookup(&self, key: &FlowKey) -> Option<FlowValue> {
-        let classifier = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        classifier.flow(key).ok().flatten()
+        let flows = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        flows.get(key).ok().flatten()
     }
 
     fn forget(&self, key: &FlowKey) {
-        let mut classifier = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(e) = classifier.remove_flow(key) {
+        let mut flows = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = flows.forget(key) {
             tracing::debug!(error = %e, "deleting a flow entry");
         }
     }
@@ -214,6 +241,11 @@ async fn intercept(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AttachError> {
     let divert_tun = Arc::new(DivertTun::create(&args.divert_tun)?);
+    let netlink = crate::netlink::Netlink::connect().map_err(AttachError::Netlink)?;
+    netlink
+        .set_tx_queue_len(divert_tun.name(), divert_tun.ifindex(), DIVERT_TX_QUEUE_LEN)
+        .await
+        .map_err(AttachError::Netlink)?;
     let reinjector = Reinjector::new(args.reinject_mark)?;
     let options = ClassifierOptions {
         tunnel_ifindex: tunnel_ifindex.unwrap_or(0),
@@ -221,7 +253,10 @@ async fn intercept(
         reinject_mark: args.reinject_mark,
         log_verdicts: args.log_verdicts,
     };
-    let mut classifier = Classifier::load(&options)?;
+    let mut classifier =
+        Classifier::load_pinned(&options, &args.pin_dir, &args.interface, Direction::Egress)?;
+    let adoption = classifier.adoption();
+    classifier.set_flows_per_uid(args.flows_per_uid)?;
     let log_task = match classifier.take_logger() {
         Ok(logger) => Some(tokio::spawn(forward_logs(logger))),
         Err(e) => {
@@ -231,12 +266,16 @@ async fn intercept(
     };
     classifier.install(&compiled)?;
     let mode = classifier.attach(&args.interface, Direction::Egress)?;
+    let flow_table = Arc::new(Mutex::new(classifier.flow_table()?));
+    let pinned = classifier.is_pinned();
     let policies = Arc::new(RwLock::new(PolicySets::default()));
     write_policies(&policies).set(classifier.active_set(), compiled.clone());
     let classifier = Arc::new(Mutex::new(classifier));
     tracing::info!(
         interface = %args.interface,
         mode = ?mode,
+        adoption = ?adoption,
+        pinned,
         policy = %args.policy.display(),
         rules = compiled.rules.len(),
         divert_tun = divert_tun.name(),
@@ -250,7 +289,7 @@ async fn intercept(
             reinjector,
             mark: args.reinject_mark,
             policies: policies.clone(),
-            flows: Arc::new(ClassifierFlows(classifier.clone())),
+            flows: Arc::new(ClassifierFlows(flow_table.clone())),
             stats: metrics.divert.clone(),
         },
         stopped,
@@ -259,12 +298,14 @@ async fn intercept(
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .map_err(AttachError::Signal)?;
     let mut counters = tokio::time::interval(COUNTERS_EVERY);
+    let mut sweep = tokio::time::interval(FLOW_SWEEP_EVERY);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             () = &mut shutdown => break,
             _ = hangup.recv() => reload(args, tunnel_ifindex.is_some(), &classifier, &policies),
             _ = counters.tick() => publish_counters(&classifier, metrics),
+            _ = sweep.tick() => sweep_flows(&flow_table).await,
         }
     }
 
@@ -273,10 +314,50 @@ async fn intercept(
     if let Some(task) = log_task {
         task.abort();
     }
-    let mut classifier = classifier.lock().unwrap_or_else(|p| p.into_inner());
-    classifier.detach()?;
+    let created_clsact = {
+        let mut classifier = classifier.lock().unwrap_or_else(|p| p.into_inner());
+        if classifier.is_pinned() && !args.detach_on_exit {
+            tracing::info!(
+                interface = %args.interface,
+                pin_dir = %args.pin_dir.display(),
+                "interceptor left attached (pinned): diverted and tunnelled traffic is dropped until an agent adopts it; `hoshino-agent detach --interface {}` removes it",
+                args.interface
+            );
+            return Ok(());
+        }
+        classifier.detach()?;
+        classifier.created_clsact().to_vec()
+    };
+    for interface in created_clsact {
+        match netlink.link_index(&interface).await {
+            Ok(Some(ifindex)) => {
+                if let Err(e) = netlink.remove_clsact(&interface, ifindex).await {
+                    tracing::warn!(interface, error = %e, "removing the clsact qdisc we added");
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(interface, error = %e, "looking up the interface"),
+        }
+    }
     tracing::info!(interface = %args.interface, "interceptor detached");
     Ok(())
+}
+
+/// Removes flow entries idle longer than [`FLOW_IDLE_TIMEOUT`], off the async workers (the walk
+/// is one syscall per entry).
+async fn sweep_flows(table: &Arc<Mutex<super::FlowTable>>) {
+    let table = table.clone();
+    let swept = tokio::task::spawn_blocking(move || {
+        let mut table = table.lock().unwrap_or_else(|p| p.into_inner());
+        table.sweep(monotonic_now_ns(), FLOW_IDLE_TIMEOUT)
+    })
+    .await;
+    match swept {
+        Ok(Ok(0)) => {}
+        Ok(Ok(removed)) => tracing::debug!(removed, "swept idle flows"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "sweeping the flow table"),
+        Err(e) => tracing::warn!(error = %e, "flow sweep task"),
+    }
 }
 
 fn write_policies(policies: &RwLock<PolicySets>) -> std::sync::RwLockWriteGuard<'_, PolicySets> {
@@ -317,10 +398,18 @@ fn reload(
 }
 
 fn publish_counters(classifier: &Mutex<Classifier>, metrics: &Metrics) {
-    let stats = {
+    let (stats, events) = {
         let classifier = classifier.lock().unwrap_or_else(|p| p.into_inner());
-        classifier.rule_stats()
+        (classifier.rule_stats(), classifier.events())
     };
+    match events {
+        Ok(events) => metrics.set_classifier_drops(
+            events.flow_table_full,
+            events.no_redirect_target,
+            events.uid_flow_cap,
+        ),
+        Err(e) => tracing::debug!(error = %e, "reading classifier events"),
+    }
     match stats {
         Ok(rules) => metrics.set_rule_counters(
             rules

@@ -1,26 +1,33 @@
-//! The loaded classifier: attach/detach, map filling with an atomic set flip, counters, flows.
+//! The loaded classifier: attach/detach (optionally pinned in bpffs, adopting a pinned
+//! attachment), map filling with an atomic set flip, counters, flows.
 
 use std::{ffi::CString, io, net::IpAddr};
 
 use aya::{
-    Ebpf,
-    maps::{Array, HashMap, LpmTrie, MapData, MapError, PerCpuArray, PerCpuValues, lpm_trie::Key},
+    Ebpf, EbpfLoader,
+    maps::{
+        Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuValues, lpm_trie::Key,
+    },
     programs::{
         LinkOrder, ProgramError, SchedClassifier, TcAttachType,
-        tc::{self, NlOptions, SchedClassifierLinkId, TcAttachOptions},
+        links::{FdLink, LinkError, PinnedLink},
+        tc::{self, NlOptions, SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions},
     },
 };
 use aya_log::EbpfLogger;
 use hoshino_common::{
-    CONFIG_ENABLED, CONFIG_L3_INTERFACE, CONFIG_LOG_VERDICTS, Config, DEFAULT_SLOT, FAMILY_V4,
-    FAMILY_V6, FlowKey, FlowValue, LPM_SET_BITS, LpmV4, LpmV6, MAP_SETS, MAX_RULES, Rule, RuleSet,
-    RuleStats, STATS_SLOTS, SetMeta, rule_index, stats_index,
+    CONFIG_ENABLED, CONFIG_L3_INTERFACE, CONFIG_LOG_VERDICTS, Config, DEFAULT_SLOT,
+    EVENT_FLOW_TABLE_FULL, EVENT_NO_REDIRECT_TARGET, EVENT_UID_FLOW_CAP, FAMILY_V4, FAMILY_V6,
+    FlowKey, FlowValue, LPM_SET_BITS, LpmV4, LpmV6, MAP_SETS, MAX_RULES, Rule, RuleSet, RuleStats,
+    STATS_SLOTS, SetMeta, rule_index, stats_index,
 };
 
 use super::{
+    flow_table::FlowTable,
     from_policy::set_tables,
     logs::TracingLog,
     object::CLASSIFIER_OBJECT,
+    pin::{PINNED_MAPS, PinDir, PinError, object_digest},
     tables::{PolicySpec, Prefix, SetTables, TablesError, build_tables},
 };
 
@@ -34,6 +41,8 @@ const MAP_DST_V6: &str = "HOSHINO_DST_V6";
 const MAP_SRC_V6: &str = "HOSHINO_SRC_V6";
 const MAP_STATS: &str = "HOSHINO_STATS";
 const MAP_FLOWS: &str = "HOSHINO_FLOWS";
+const MAP_EVENTS: &str = "HOSHINO_EVENTS";
+const MAP_UID_FLOWS: &str = "HOSHINO_UID_FLOWS";
 
 /// Why the classifier could not be loaded, attached, filled or read.
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +82,26 @@ pub enum InterceptorError {
     Cpus(#[source] io::Error),
     #[error("the classifier's log ring buffer: {0}")]
     Logger(#[source] Box<aya_log::Error>),
+    #[error(transparent)]
+    Pin(#[from] PinError),
+    #[error("the pinned link {path}: {source}")]
+    Link {
+        path: String,
+        #[source]
+        source: Box<LinkError>,
+    },
+    #[error(
+        "the link pinned at {path} is not attached to {interface} in this network namespace; \
+         it belongs to another attachment (choose another --pin-dir, or remove it with \
+         `hoshino-agent detach`)"
+    )]
+    PinnedElsewhere { path: String, interface: String },
+    #[error("pinning the classifier at {path}: {source}")]
+    PinLink {
+        path: String,
+        #[source]
+        source: Box<aya::pin::PinError>,
+    },
 }
 
 fn map_err(map: &'static str) -> impl Fn(MapError) -> InterceptorError {
@@ -117,7 +146,48 @@ pub struct Attachment {
     pub interface: String,
     pub direction: Direction,
     pub mode: AttachMode,
-    link: SchedClassifierLinkId,
+    link: AttachedLink,
+}
+
+#[derive(Debug)]
+enum AttachedLink {
+    /// Owned by the program object: detached when dropped (unless also pinned).
+    Managed(SchedClassifierLinkId),
+    /// Taken out of the program and pinned: stays attached after the agent exits.
+    Pinned(PinnedLink),
+}
+
+/// What a pinned classifier found in its pin directory when it loaded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Adoption {
+    /// Nothing was pinned: a new link is attached and pinned.
+    Fresh,
+    /// A link and maps pinned by the same classifier object: the maps are reused and this
+    /// agent's (identical) program is swapped into the link atomically.
+    Adopted,
+    /// A link pinned by another classifier object (or an unfinished start): fresh maps, and the
+    /// program is swapped into the pinned link atomically (no detach, no second program).
+    Replaced,
+}
+
+/// The classifier's own drop counters (`HOSHINO_EVENTS`), summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClassifierEvents {
+    /// Divert packets of new flows dropped because the flow table was full.
+    pub flow_table_full: u64,
+    /// Tunnel/divert packets dropped because no redirect target was configured.
+    pub no_redirect_target: u64,
+    /// Divert packets of new flows dropped because their uid was at the per-uid cap.
+    pub uid_flow_cap: u64,
+}
+
+/// Pin state of a classifier loaded with [`Classifier::load_pinned`].
+#[derive(Debug)]
+struct Pins {
+    dir: PinDir,
+    adoption: Adoption,
+    /// The link found pinned at load, until [`Classifier::attach`] swaps the program into it.
+    found_link: Option<FdLink>,
 }
 
 /// Redirect targets and switches the classifier reads from its config map.
@@ -148,6 +218,8 @@ pub struct Classifier {
     config: Config,
     rule_names: Vec<String>,
     attachments: Vec<Attachment>,
+    pins: Option<Pins>,
+    created_clsact: Vec<String>,
 }
 
 impl std::fmt::Debug for Classifier {
@@ -156,30 +228,119 @@ impl std::fmt::Debug for Classifier {
             .field("config", &self.config)
             .field("rule_names", &self.rule_names)
             .field("attachments", &self.attachments)
+            .field("pins", &self.pins)
             .finish_non_exhaustive()
     }
 }
 
 impl Classifier {
     /// Loads the embedded classifier into the kernel (not attached, passing everything until the
-    /// first [`Classifier::install`]).
+    /// first [`Classifier::install`]). Nothing is pinned: the attachment ends with the process.
     pub fn load(options: &ClassifierOptions) -> Result<Self, InterceptorError> {
-        let mut ebpf =
+        let ebpf =
             Ebpf::load(CLASSIFIER_OBJECT).map_err(|e| InterceptorError::Load(Box::new(e)))?;
+        Self::with_object(ebpf, options, None)
+    }
+
+    /// Loads the classifier for `direction` of `interface` with its maps pinned in
+    /// `<root>/<interface>/`, adopting what a previous agent pinned there (see [`Adoption`]).
+    /// [`Classifier::attach`] (same interface and direction) then swaps this program into a
+    /// pinned link atomically or attaches and pins a new one; the attachment outlives the
+    /// process (fail closed: diverted traffic is dropped while no agent runs) until
+    /// [`Classifier::detach`] or [`detach_pinned`].
+    pub fn load_pinned(
+        options: &ClassifierOptions,
+        root: &std::path::Path,
+        interface: &str,
+        direction: Direction,
+    ) -> Result<Self, InterceptorError> {
+        let dir = PinDir::new(root, interface)?;
+        dir.ensure()?;
+        let found_link = match PinnedLink::from_pin(dir.link()) {
+            Ok(link) => Some(FdLink::from(link)),
+            Err(LinkError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => None,
+            Err(source) => {
+                return Err(InterceptorError::Link {
+                    path: dir.link().display().to_string(),
+                    source: Box::new(source),
+                });
+            }
+        };
+        if let Some(found) = &found_link {
+            check_attached_here(found, &dir, interface, direction)?;
+        }
+        let same_object = found_link.is_some() && dir.recorded_digest()? == Some(object_digest());
+        let adoption = match (&found_link, same_object) {
+            (None, _) => Adoption::Fresh,
+            (Some(_), true) => Adoption::Adopted,
+            (Some(_), false) => Adoption::Replaced,
+        };
+        if adoption != Adoption::Adopted {
+            // Maps of another object (or of no live link) are never reused; a running old
+            // program keeps its own maps until the link is swapped.
+            dir.remove_maps()?;
+        }
+        let pin_paths: Vec<(&str, std::path::PathBuf)> = PINNED_MAPS
+            .iter()
+            .map(|name| (*name, dir.map(name)))
+            .collect();
+        let mut loader = EbpfLoader::new();
+        for (name, path) in &pin_paths {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let ebpf = loader
+            .load(CLASSIFIER_OBJECT)
+            .map_err(|e| InterceptorError::Load(Box::new(e)))?;
+        let pins = Pins {
+            dir,
+            adoption,
+            found_link,
+        };
+        Self::with_object(ebpf, options, Some(pins))
+    }
+
+    fn with_object(
+        mut ebpf: Ebpf,
+        options: &ClassifierOptions,
+        pins: Option<Pins>,
+    ) -> Result<Self, InterceptorError> {
         let program: &mut SchedClassifier = ebpf
             .program_mut(PROGRAM)
             .ok_or_else(|| program_err(ProgramError::NotLoaded))?
             .try_into()
             .map_err(program_err)?;
         program.load().map_err(program_err)?;
+        let adopted = pins
+            .as_ref()
+            .is_some_and(|p| p.adoption == Adoption::Adopted);
         let mut classifier = Self {
             ebpf,
             config: Config::default(),
             rule_names: Vec::new(),
             attachments: Vec::new(),
+            pins,
+            created_clsact: Vec::new(),
         };
+        if adopted {
+            // Keep the running policy (active set, enabled) until `install` flips to ours.
+            let map: Array<_, Config> = classifier.map(MAP_CONFIG)?;
+            classifier.config = map.get(&0, 0).map_err(map_err(MAP_CONFIG))?;
+            // The previous agent's flows died with it (the proxy held their state).
+            let cleared = classifier.flow_table()?.clear()?;
+            tracing::debug!(cleared, "cleared the adopted flow table");
+        }
         classifier.configure(options)?;
         Ok(classifier)
+    }
+
+    /// What [`Classifier::load_pinned`] found; `None` for an unpinned classifier.
+    pub fn adoption(&self) -> Option<Adoption> {
+        self.pins.as_ref().map(|p| p.adoption)
+    }
+
+    /// The pin directory, if pinned.
+    pub fn pin_dir(&self) -> Option<&PinDir> {
+        self.pins.as_ref().map(|p| &p.dir)
     }
 
     /// Takes the classifier's log ring buffer; pass it to [`super::forward_logs`]. Call once.
@@ -211,12 +372,19 @@ impl Classifier {
     }
 
     /// Attaches at `direction` of `interface`: TCX if the kernel has it, else a clsact filter.
+    /// A pinned classifier swaps its program into the link found pinned (atomically: packets
+    /// see the old or the new program, never none), or pins the new TCX link. A clsact filter
+    /// named like ours (left by a crashed agent) is removed first.
     pub fn attach(
         &mut self,
         interface: &str,
         direction: Direction,
     ) -> Result<AttachMode, InterceptorError> {
         self.prepare_interface(interface)?;
+        remove_stale_filters(interface, direction);
+        if let Some(found) = self.pins.as_mut().and_then(|p| p.found_link.take()) {
+            return self.swap_into_pinned_link(interface, direction, found);
+        }
         let program = self.program()?;
         match program.attach_with_options(
             interface,
@@ -224,7 +392,25 @@ impl Classifier {
             TcAttachOptions::TcxOrder(LinkOrder::default()),
         ) {
             Ok(link) => {
+                let link = match &self.pins {
+                    Some(pins) => {
+                        let path = pins.dir.link();
+                        let owned = self.program()?.take_link(link).map_err(program_err)?;
+                        let fd =
+                            FdLink::try_from(owned).map_err(|source| InterceptorError::Link {
+                                path: path.display().to_string(),
+                                source: Box::new(source),
+                            })?;
+                        let pinned = fd.pin(&path).map_err(|source| InterceptorError::PinLink {
+                            path: path.display().to_string(),
+                            source: Box::new(source),
+                        })?;
+                        AttachedLink::Pinned(pinned)
+                    }
+                    None => AttachedLink::Managed(link),
+                };
                 self.record(interface, direction, AttachMode::Tcx, link);
+                self.finish_pinning()?;
                 Ok(AttachMode::Tcx)
             }
             Err(tcx) => {
@@ -232,6 +418,46 @@ impl Classifier {
                 self.attach_netlink_after(interface, direction, Some(tcx))
             }
         }
+    }
+
+    fn swap_into_pinned_link(
+        &mut self,
+        interface: &str,
+        direction: Direction,
+        found: FdLink,
+    ) -> Result<AttachMode, InterceptorError> {
+        let path = self
+            .pins
+            .as_ref()
+            .map(|p| p.dir.link().display().to_string())
+            .unwrap_or_default();
+        let link_err = |source| InterceptorError::Link {
+            path: path.clone(),
+            source: Box::new(source),
+        };
+        if let Some(pins) = &self.pins {
+            check_attached_here(&found, &pins.dir, interface, direction)?;
+        }
+        let link = SchedClassifierLink::try_from(found).map_err(link_err)?;
+        let id = self.program()?.attach_to_link(link).map_err(program_err)?;
+        self.record(
+            interface,
+            direction,
+            AttachMode::Tcx,
+            AttachedLink::Managed(id),
+        );
+        self.finish_pinning()?;
+        Ok(AttachMode::Tcx)
+    }
+
+    /// Records the object digest once the link runs this object's program with the pinned maps.
+    fn finish_pinning(&mut self) -> Result<(), InterceptorError> {
+        if let Some(pins) = &self.pins
+            && pins.adoption != Adoption::Adopted
+        {
+            pins.dir.record_digest()?;
+        }
+        Ok(())
     }
 
     /// Attaches as a clsact (netlink) filter, the path for kernels without TCX. Unlike a TCX link,
@@ -259,8 +485,11 @@ impl Classifier {
         direction: Direction,
         tcx: Option<ProgramError>,
     ) -> Result<AttachMode, InterceptorError> {
-        // An existing clsact qdisc (someone else's filters) is fine to share.
-        let _ = tc::qdisc_add_clsact(interface);
+        // An existing clsact qdisc (someone else's filters) is fine to share; one we add is
+        // ours to remove on exit.
+        if tc::qdisc_add_clsact(interface).is_ok() {
+            self.created_clsact.push(interface.to_owned());
+        }
         let program = self.program()?;
         let link = program
             .attach_with_options(
@@ -277,7 +506,12 @@ impl Classifier {
                 },
                 None => program_err(netlink),
             })?;
-        self.record(interface, direction, AttachMode::Netlink, link);
+        self.record(
+            interface,
+            direction,
+            AttachMode::Netlink,
+            AttachedLink::Managed(link),
+        );
         Ok(AttachMode::Netlink)
     }
 
@@ -286,7 +520,7 @@ impl Classifier {
         interface: &str,
         direction: Direction,
         mode: AttachMode,
-        link: SchedClassifierLinkId,
+        link: AttachedLink,
     ) {
         self.attachments.push(Attachment {
             interface: interface.to_owned(),
@@ -301,14 +535,38 @@ impl Classifier {
         &self.attachments
     }
 
-    /// Detaches from every interface (dropping the classifier does the same).
+    /// Interfaces on which this classifier added the clsact qdisc (remove it after detaching).
+    pub fn created_clsact(&self) -> &[String] {
+        &self.created_clsact
+    }
+
+    /// Whether the attachment outlives this process (a pinned TCX link).
+    pub fn is_pinned(&self) -> bool {
+        self.attachments
+            .iter()
+            .any(|a| a.mode == AttachMode::Tcx && self.pins.is_some())
+    }
+
+    /// Detaches from every interface and removes the pins, if any. Dropping an unpinned
+    /// classifier detaches it too; dropping a pinned one leaves it attached (fail closed).
     pub fn detach(&mut self) -> Result<(), InterceptorError> {
         let attachments = std::mem::take(&mut self.attachments);
-        let program = self.program()?;
         let mut first_error = None;
+        if let Some(pins) = &self.pins
+            && let Err(e) = pins.dir.remove_all()
+        {
+            first_error.get_or_insert(e.into());
+        }
+        let program = self.program()?;
         for attachment in attachments {
-            if let Err(e) = program.detach(attachment.link) {
-                first_error.get_or_insert(program_err(e));
+            match attachment.link {
+                AttachedLink::Managed(id) => {
+                    if let Err(e) = program.detach(id) {
+                        first_error.get_or_insert(program_err(e));
+                    }
+                }
+                // Unpinned above; closing the last fd detaches it.
+                AttachedLink::Pinned(link) => drop(link),
             }
         }
         first_error.map_or(Ok(()), Err)
@@ -459,14 +717,42 @@ impl Classifier {
         }
     }
 
-    /// Deletes the recorded flow with this 5-tuple (the proxy's connection on it ended); a
-    /// missing entry is not an error.
-    pub fn remove_flow(&mut self, key: &FlowKey) -> Result<(), InterceptorError> {
-        let mut flows: HashMap<_, FlowKey, FlowValue> = self.map_mut(MAP_FLOWS)?;
-        match flows.remove(key) {
-            Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
-            Err(e) => Err(map_err(MAP_FLOWS)(e)),
+    /// The classifier's own drop counters, summed over CPUs.
+    pub fn events(&self) -> Result<ClassifierEvents, InterceptorError> {
+        let events: PerCpuArray<_, u64> = self.map(MAP_EVENTS)?;
+        let sum = |slot: u32| -> Result<u64, InterceptorError> {
+            let values = events.get(&slot, 0).map_err(map_err(MAP_EVENTS))?;
+            Ok(values.iter().fold(0u64, |a, v| a.wrapping_add(*v)))
+        };
+        Ok(ClassifierEvents {
+            flow_table_full: sum(EVENT_FLOW_TABLE_FULL)?,
+            no_redirect_target: sum(EVENT_NO_REDIRECT_TARGET)?,
+            uid_flow_cap: sum(EVENT_UID_FLOW_CAP)?,
+        })
+    }
+
+    /// An independent handle on the flow map (for the sweep, and removal by the divert proxy)
+    /// that does not borrow the classifier.
+    pub fn flow_table(&self) -> Result<FlowTable, InterceptorError> {
+        FlowTable::from_ids(
+            self.hash_map_id(MAP_FLOWS)?,
+            self.hash_map_id(MAP_UID_FLOWS)?,
+        )
+    }
+
+    fn hash_map_id(&self, name: &'static str) -> Result<u32, InterceptorError> {
+        match self.ebpf.map(name) {
+            Some(Map::HashMap(data)) => Ok(data.info().map_err(map_err(name))?.id()),
+            Some(_) => Err(map_err(name)(MapError::InvalidMapType { map_type: 0 })),
+            None => Err(InterceptorError::MissingMap(name)),
         }
+    }
+
+    /// Caps the divert flows recorded per socket uid (0 = no cap); see `hoshino-common`.
+    pub fn set_flows_per_uid(&mut self, cap: u32) -> Result<(), InterceptorError> {
+        let mut config = self.config;
+        config.flows_per_uid = cap;
+        self.write_config(config)
     }
 
     /// The classifier program, e.g. for `BPF_PROG_TEST_RUN` (`aya::programs::TestRun`).
@@ -499,6 +785,71 @@ impl Classifier {
             .ok_or(InterceptorError::MissingMap(name))?;
         T::try_from(map).map_err(map_err(name))
     }
+}
+
+/// Refuses a pinned link that is not attached at `direction` of `interface` in this network
+/// namespace: swapping our program into it would change someone else's attachment (the same pin
+/// path used from another namespace, or for another interface).
+fn check_attached_here(
+    link: &FdLink,
+    dir: &PinDir,
+    interface: &str,
+    direction: Direction,
+) -> Result<(), InterceptorError> {
+    let path = dir.link().display().to_string();
+    let program_id = link
+        .info()
+        .map_err(|source| InterceptorError::Link {
+            path: path.clone(),
+            source: Box::new(source),
+        })?
+        .program_id();
+    let attached = SchedClassifier::query_tcx(interface, direction.tc())
+        .map(|(_, programs)| programs.iter().any(|p| p.id() == program_id))
+        .unwrap_or(false);
+    if attached {
+        Ok(())
+    } else {
+        Err(InterceptorError::PinnedElsewhere {
+            path,
+            interface: interface.to_owned(),
+        })
+    }
+}
+
+/// Removes clsact filters carrying our program's name at `direction` of `interface`: left by a
+/// crashed agent on a kernel without TCX, they would judge packets with a dead agent's maps.
+fn remove_stale_filters(interface: &str, direction: Direction) {
+    match tc::qdisc_detach_program(interface, direction.tc(), PROGRAM) {
+        Ok(()) => tracing::info!(
+            interface,
+            "removed a clsact filter left by an earlier agent"
+        ),
+        Err(e) => tracing::debug!(interface, error = %e, "no stale clsact filter removed"),
+    }
+}
+
+/// Removes what an agent pinned for `interface` under `root` (the link, so the program
+/// detaches, the maps and the directory) and any clsact filter of ours on its egress. Returns
+/// whether anything was removed. For `hoshino-agent detach`.
+pub fn detach_pinned(root: &std::path::Path, interface: &str) -> Result<bool, InterceptorError> {
+    let dir = PinDir::new(root, interface)?;
+    let mut removed = false;
+    if let Ok(link) = PinnedLink::from_pin(dir.link()) {
+        let fd = FdLink::from(link);
+        if check_attached_here(&fd, &dir, interface, Direction::Egress).is_err() {
+            tracing::warn!(
+                link = %dir.link().display(),
+                interface,
+                "the pinned link is not attached to this interface here (its interface may be gone); removing the pin anyway"
+            );
+        }
+    }
+    removed |= dir.remove_all()?;
+    if tc::qdisc_detach_program(interface, TcAttachType::Egress, PROGRAM).is_ok() {
+        removed = true;
+    }
+    Ok(removed)
 }
 
 /// LPM key data of one family: the set byte followed by the address bytes.

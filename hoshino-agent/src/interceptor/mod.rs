@@ -13,21 +13,33 @@
 //! classifier.detach()?; // also on drop
 //! # drop(logs); Ok(()) }
 //! ```
+//!
+//! `attach` uses [`Classifier::load_pinned`] instead: the link and maps are pinned in bpffs
+//! (`pin.rs`), a pinned classifier is adopted or replaced in place, dropping it leaves it
+//! attached (fail closed), and [`detach_pinned`] removes it. [`FlowTable`] is the flow map
+//! through a handle of its own (sweep, removal).
 
 pub mod attach_cmd;
 mod classifier;
+pub mod detach_cmd;
 pub mod divert;
+mod flow_table;
 mod from_policy;
 mod logs;
 mod object;
+mod pin;
 pub mod proxy;
 mod tables;
 
 pub use classifier::{
-    AttachMode, Attachment, Classifier, ClassifierOptions, Direction, InterceptorError,
-    RuleCounters, flow_key,
+    Adoption, AttachMode, Attachment, Classifier, ClassifierEvents, ClassifierOptions, Direction,
+    InterceptorError, RuleCounters, detach_pinned, flow_key,
+};
+pub use flow_table::{
+    FLOW_IDLE_TIMEOUT, FLOW_SWEEP_EVERY, FlowTable, idle_flows, monotonic_now_ns,
 };
 pub use from_policy::set_tables;
 pub use logs::{TracingLog, forward_logs};
 pub use object::CLASSIFIER_OBJECT;
+pub use pin::{DEFAULT_PIN_ROOT, PINNED_MAPS, PinDir, PinError, object_digest};
 pub use tables::{Family, PolicySpec, Prefix, RuleSpec, SetTables, TablesError, build_tables};

@@ -9,6 +9,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use hoshino_tests::binaries;
+use hoshino_tests::bpffs::PinRoot;
 use hoshino_tests::command;
 use hoshino_tests::netns::Namespace;
 use hoshino_tests::process::Spawned;
@@ -49,6 +50,8 @@ pub struct MetadataBed {
     pub imds: Namespace,
     pub scratch: ScratchDir,
     log_path: PathBuf,
+    /// The agents' `--pin-dir` (shared by every agent of this bed, so a restart adopts).
+    pub pins: PinRoot,
 }
 
 /// A file next to this module (the fake server and the raw client).
@@ -166,6 +169,7 @@ impl MetadataBed {
             imds,
             scratch,
             log_path,
+            pins: PinRoot::create("imds").expect("test bpffs"),
         };
         bed.wait_for_server();
         // The readiness probe is not part of any test.
@@ -355,9 +359,47 @@ impl MetadataBed {
         dest
     }
 
-    /// Starts `hoshino-agent attach` on the client's `eth0` and waits until it is attached.
+    /// Starts `hoshino-agent attach` on the client's `eth0` (pinned under [`Self::pins`]) and
+    /// waits until it is attached.
     pub fn attach(&self, policy: &Path, extra: &[&str]) -> AttachedAgent {
-        AttachedAgent::start(&self.client, self.scratch.path(), "eth0", policy, extra)
+        let pin_dir = self.pins.path().display().to_string();
+        let mut args = vec!["--pin-dir", pin_dir.as_str()];
+        args.extend_from_slice(extra);
+        AttachedAgent::start(&self.client, self.scratch.path(), "eth0", policy, &args)
+    }
+
+    /// `hoshino-agent detach --interface eth0` in the client namespace, with this bed's pins.
+    pub fn detach(&self) -> std::process::Output {
+        command::output(
+            self.client
+                .command(binaries::agent().expect("hoshino-agent binary"))
+                .args(["detach", "--interface", "eth0", "--pin-dir"])
+                .arg(self.pins.path()),
+        )
+        .expect("hoshino-agent detach runs")
+    }
+
+    /// How many TCX programs are attached at the client's `eth0` egress (what `bpftool net`
+    /// would list; read with aya's TCX query from a thread inside the namespace).
+    pub fn egress_tcx_programs(&self) -> usize {
+        let path = format!("/var/run/netns/{}", self.client.name());
+        std::thread::spawn(move || {
+            let file = File::open(&path).expect("open netns");
+            // SAFETY: plain setns on a valid namespace fd; affects only this thread.
+            let rc =
+                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&file), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns {path}");
+            aya::programs::SchedClassifier::query_tcx("eth0", aya::programs::TcAttachType::Egress)
+                .map(|(_, programs)| programs.len())
+                .expect("query TCX")
+        })
+        .join()
+        .expect("query thread")
+    }
+
+    /// The pin directory of the client's `eth0`.
+    pub fn pin_dir(&self) -> PathBuf {
+        self.pins.path().join("eth0")
     }
 
     /// The client's clsact filters on eth0 egress (a TCX link shows up in the tests as
@@ -376,6 +418,20 @@ impl MetadataBed {
         .unwrap_or_default()
     }
 
+    /// The client's qdiscs on eth0 (`tc qdisc show`).
+    pub fn qdiscs(&self) -> String {
+        command::output(Command::new("tc").args([
+            "-n",
+            self.client.name(),
+            "qdisc",
+            "show",
+            "dev",
+            "eth0",
+        ]))
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+    }
+
     /// Links in the client namespace (`ip -o link`), to see the divert TUN come and go.
     pub fn client_links(&self) -> String {
         self.client.ip(&["-o", "link"]).unwrap_or_default()
@@ -386,6 +442,9 @@ impl MetadataBed {
 pub struct AttachedAgent {
     process: Spawned,
     log: PathBuf,
+    /// A pin root of this agent's own when the caller gave no `--pin-dir` (removed after the
+    /// process is gone, so nothing stays attached).
+    own_pins: Option<PinRoot>,
 }
 
 pub const READY_LINE: &str = "interceptor attached";
@@ -417,12 +476,20 @@ impl AttachedAgent {
         let out = File::create(&log).expect("agent log");
         let err = out.try_clone().expect("agent log fd");
         let mut cmd = ns.command(binaries::agent().expect("hoshino-agent binary"));
+        let own_pins = if extra.contains(&"--pin-dir") {
+            None
+        } else {
+            Some(PinRoot::create("agent").expect("test bpffs"))
+        };
         cmd.arg("attach")
             .args(["--interface", interface])
             .arg("--policy")
             .arg(policy)
-            .args(extra)
-            .env("NO_COLOR", "1")
+            .args(extra);
+        if let Some(pins) = &own_pins {
+            cmd.arg("--pin-dir").arg(pins.path());
+        }
+        cmd.env("NO_COLOR", "1")
             .env(
                 "RUST_LOG",
                 std::env::var("HOSHINO_TEST_AGENT_LOG").unwrap_or_else(|_| "info".into()),
@@ -435,6 +502,7 @@ impl AttachedAgent {
         let mut agent = Self {
             process: Spawned::new("hoshino-agent attach", child),
             log,
+            own_pins,
         };
         agent.wait_for_log(READY_LINE, 1, Duration::from_secs(30));
         agent
