@@ -166,6 +166,24 @@ impl Bundler {
         });
     }
 
+    /// The session this bundler numbers its bundles in.
+    pub fn session(&self) -> u64 {
+        self.session
+    }
+
+    /// An empty bundle (`count == 0`) for `seq` of `dest`'s stream: the explicit "skip" a sender
+    /// publishes under a key whose PUT it gave up, so the receiver moves past it at once
+    /// instead of waiting for its gap timeout.
+    pub fn skip_marker(&self, dest: NodeId, seq: u64) -> Vec<u8> {
+        let header = BundleHeader {
+            sender: self.sender,
+            dest,
+            session: self.session,
+            seq,
+        };
+        BundleWriter::new().finish(&header, self.key.as_ref())
+    }
+
     /// The next bundle to PUT, if the flush rules and the in-flight limit allow one now. The
     /// caller must report its completion with `put_done`.
     pub fn next_put(&mut self, now: Instant) -> Option<Sealed> {

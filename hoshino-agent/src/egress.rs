@@ -1,6 +1,8 @@
 //! Egress: packets read from the TUN are classified, batched per destination by the `Bundler`,
-//! and PUT into the destination's inbox, several at once; after a PUT the `BellSchedule` decides
-//! whether to ring the destination's doorbell.
+//! and PUT into the destination's inbox under the stream's predictable key
+//! (`v2/inbox/<dest>/<session>-<seq>.<us>`), several at once; after a PUT the `BellSchedule`
+//! decides whether to ring the destination's doorbell. A PUT the store gave up on (its retries
+//! ride out several seconds of outage) is replaced by a skip marker under the same key.
 
 use std::net::Ipv6Addr;
 use std::sync::Arc;
@@ -14,7 +16,7 @@ use tokio::task::JoinSet;
 use tun_rs::AsyncDevice;
 
 use crate::bundler::{Bundler, Sealed};
-use crate::mailbox::{BellSchedule, bell_key, bundle_key};
+use crate::mailbox::{BellSchedule, BundleKey, bell_key};
 use crate::metrics::{DropReason, IgnoreReason, Metrics};
 use crate::node_addr::{NodeAddr, NodeId};
 use crate::s3::Store;
@@ -74,12 +76,11 @@ impl Egress {
         let mut buf = vec![0u8; READ_BUFFER];
         let mut puts: JoinSet<PutDone> = JoinSet::new();
         let mut bells: JoinSet<()> = JoinSet::new();
-        let mut ulids = ulid::Generator::new();
         let mut schedule = BellSchedule::default();
         loop {
             let now = Instant::now();
             while let Some(sealed) = self.bundler.next_put(now) {
-                self.spawn_put(&mut puts, &mut ulids, sealed);
+                self.spawn_put(&mut puts, sealed);
             }
             self.metrics
                 .egress_buffer_bytes
@@ -126,20 +127,29 @@ impl Egress {
         }
     }
 
-    fn spawn_put(&self, puts: &mut JoinSet<PutDone>, ulids: &mut ulid::Generator, s: Sealed) {
-        // The monotonic generator only fails when 80 random bits overflow within one
-        // millisecond; a fresh ULID is still unique, it just may not sort after its sibling.
-        let ulid = ulids.generate().unwrap_or_else(|_| ulid::Ulid::new());
-        let key = bundle_key(s.dest, ulid, self.me.id);
+    fn spawn_put(&self, puts: &mut JoinSet<PutDone>, s: Sealed) {
+        let key = BundleKey {
+            dest: s.dest,
+            session: self.bundler.session(),
+            seq: s.seq,
+            sender: self.me.id,
+        }
+        .to_key();
         let store = self.store.clone();
         let (dest, packets, packet_bytes, body_len) =
             (s.dest, s.packets, s.packet_bytes, s.body.len());
         let body = Bytes::from(s.body);
+        let skip = Bytes::from(self.bundler.skip_marker(s.dest, s.seq));
         puts.spawn(async move {
             let started = Instant::now();
             let r = store.put(&key, body).await;
             if let Err(e) = &r {
                 tracing::warn!(error = %e, "bundle PUT failed after retries; its packets are dropped");
+                // Under the same key, so the receiver moves on at once; if even this fails
+                // the receiver's gap timeout is the safety net.
+                if let Err(e) = store.put(&key, skip).await {
+                    tracing::warn!(error = %e, "skip marker PUT failed");
+                }
             }
             PutDone {
                 dest,
@@ -185,12 +195,11 @@ impl Egress {
     /// Sends what is buffered and waits briefly for in-flight PUTs, so a clean stop loses little.
     async fn drain(mut self, mut puts: JoinSet<PutDone>, mut bells: JoinSet<()>) {
         self.bundler.seal_all();
-        let mut ulids = ulid::Generator::new();
         let mut schedule = BellSchedule::default();
         let deadline = tokio::time::Instant::now() + DRAIN_GRACE;
         loop {
             while let Some(s) = self.bundler.next_put(Instant::now()) {
-                self.spawn_put(&mut puts, &mut ulids, s);
+                self.spawn_put(&mut puts, s);
             }
             if puts.is_empty() {
                 break;
