@@ -43,9 +43,11 @@ const HOT_WITHIN: Duration = Duration::from_millis(250);
 const HOT_DEPTH: u64 = 3;
 /// How long after a PUT of ours every known stream is probed (a reply is likely).
 const EXPECT_REPLY: Duration = Duration::from_secs(2);
-/// What a probe reserves in the byte budget until its body has been read (its size is unknown
-/// before the GET).
+/// What a probe of a stream whose bundle size is not known yet reserves in the byte budget (and
+/// at most reads); otherwise a probe reserves twice the stream's last bundle, at least
+/// `MIN_PROBE_RESERVE`.
 const PROBE_RESERVE: usize = 1024 * 1024;
+const MIN_PROBE_RESERVE: usize = 64 * 1024;
 /// A taken key still listed after this long had its DELETE fail; it is deleted again.
 const REDELETE_AFTER: Duration = Duration::from_secs(30);
 /// Repeated S3 failures are logged at most this often.
@@ -104,6 +106,12 @@ struct State {
     budget_used: usize,
     lists: JoinSet<Result<Listing, S3Error>>,
     list_pages: usize,
+    /// Where the next LIST round continues (the previous one stopped early).
+    resume_token: Option<String>,
+    /// The current round started from `resume_token`, not from the first key.
+    round_resumed: bool,
+    /// Size of each stream's last bundle: what its next probe reserves (twice that).
+    last_size: HashMap<StreamId, usize>,
     last_list: Option<Instant>,
     list_wanted: bool,
     /// Last time each stream found a bundle.
@@ -158,6 +166,9 @@ impl Ingress {
             budget_used: 0,
             lists: JoinSet::new(),
             list_pages: 0,
+            resume_token: None,
+            round_resumed: false,
+            last_size: HashMap::new(),
             last_list: None,
             list_wanted: true,
             last_hit: HashMap::new(),
@@ -241,7 +252,7 @@ impl Ingress {
                     || st
                         .last_list
                         .is_none_or(|t| now.saturating_duration_since(t) >= LIST_EVERY);
-                if list_due && st.lists.is_empty() {
+                if list_due {
                     self.start_list(st, now);
                 }
                 self.probe(st, now);
@@ -285,18 +296,24 @@ impl Ingress {
             // Keep the old baseline: at worst the first idle HEAD wakes us once.
             Err(e) => self.warn(st, &e),
         }
-        if st.lists.is_empty() {
-            self.start_list(st, Instant::now());
-        } else {
-            st.list_wanted = true;
-        }
+        self.start_list(st, Instant::now());
     }
 
+    /// Starts a LIST round, continuing where the previous round stopped (a round follows at most
+    /// `MAX_PAGES` pages), so that every key is seen within one pass however large the inbox.
+    /// LIST and DeleteObjects never overlap: some servers (s3s-fs) fail a LIST whose walk races
+    /// a delete; a LIST that cannot start now is wanted at the next tick.
     fn start_list(&self, st: &mut State, now: Instant) {
+        if !st.lists.is_empty() || !st.delete_tasks.is_empty() {
+            st.list_wanted = true;
+            return;
+        }
         st.list_wanted = false;
         st.last_list = Some(now);
         st.list_pages = 0;
-        self.spawn_list_page(st, None);
+        let resume = st.resume_token.take();
+        st.round_resumed = resume.is_some();
+        self.spawn_list_page(st, resume);
     }
 
     fn spawn_list_page(&self, st: &mut State, continuation: Option<String>) {
@@ -321,7 +338,7 @@ impl Ingress {
             tracing::info!(address = %self.me, bucket = self.store.bucket(), "tunnel up");
         }
         let now = Instant::now();
-        if st.list_pages == 1 && !listing.truncated {
+        if st.list_pages == 1 && !st.round_resumed && !listing.truncated {
             let listed: HashSet<&str> = listing.objects.iter().map(|o| o.key.as_str()).collect();
             st.seen.retain_listed(&listed);
         }
@@ -385,7 +402,10 @@ impl Ingress {
             Some(token) if st.to_fetch.is_empty() && st.list_pages < MAX_PAGES => {
                 self.spawn_list_page(st, Some(token));
             }
-            Some(_) => st.list_wanted = true,
+            Some(token) => {
+                st.resume_token = Some(token);
+                st.list_wanted = true;
+            }
             None => {}
         }
     }
@@ -396,6 +416,7 @@ impl Ingress {
             .retain(|_, t| now.saturating_duration_since(*t) < PROBE_WHILE);
         let expecting = st.expect_until.is_some_and(|t| now < t);
         let mut keys = Vec::new();
+        st.last_size.retain(|id, _| st.last_hit.contains_key(id));
         for (stream, next) in st.reorder.expected() {
             let hit = st.last_hit.get(&stream);
             if hit.is_none() && !expecting {
@@ -420,12 +441,24 @@ impl Ingress {
             if st.getting.contains(&key) || st.seen.contains(&key) {
                 continue;
             }
+            let stream = StreamId {
+                sender: parsed.sender,
+                session: parsed.session,
+            };
+            // A probe may read at most what it reserved: a larger object answers "too large"
+            // from its Content-Length without its body being read, and is then fetched as a
+            // known key once the budget has room for its real size.
+            let reserve = st
+                .last_size
+                .get(&stream)
+                .map_or(PROBE_RESERVE, |n| n.saturating_mul(2))
+                .clamp(MIN_PROBE_RESERVE, MAX_BUNDLE_BYTES);
             if st.gets.len() >= GET_CONCURRENCY
-                || st.budget_in_use() + PROBE_RESERVE > self.budget_bytes
+                || st.budget_in_use() + reserve > self.budget_bytes
             {
                 break;
             }
-            self.spawn_get(st, key, parsed, Lookup::Probe, PROBE_RESERVE);
+            self.spawn_get(st, key, parsed, Lookup::Probe, reserve);
         }
     }
 
@@ -461,7 +494,11 @@ impl Ingress {
         st.getting.insert(key.clone());
         let store = self.store.clone();
         st.gets.spawn(async move {
-            let result = store.get(&key, MAX_BUNDLE_BYTES, lookup).await;
+            let limit = match lookup {
+                Lookup::Probe => reserved,
+                Lookup::Known => MAX_BUNDLE_BYTES,
+            };
+            let result = store.get(&key, limit, lookup).await;
             GetDone {
                 key,
                 parsed,
@@ -487,6 +524,14 @@ impl Ingress {
                 }
                 return;
             }
+            Err(S3Error::TooLarge { size, .. })
+                if lookup == Lookup::Probe && size <= MAX_BUNDLE_BYTES as u64 =>
+            {
+                // Exists, larger than the probe reserved: fetch it as a known key, first.
+                st.found = true;
+                st.to_fetch.push_front((key, parsed, size));
+                return;
+            }
             Err(S3Error::TooLarge { .. }) => {
                 self.reject(st, &key, "oversized");
                 return;
@@ -505,6 +550,7 @@ impl Ingress {
         let now = Instant::now();
         st.found = true;
         st.last_hit.insert(stream, now);
+        st.last_size.insert(stream, body.len());
         let decoded = bundle::decode(&body, self.key.as_ref()).and_then(|b| {
             if b.header.sender != parsed.sender {
                 Err(BundleError::SenderMismatch {
@@ -597,6 +643,9 @@ impl Ingress {
     }
 
     fn spawn_deletes(&self, st: &mut State, now: Instant) {
+        if !st.lists.is_empty() {
+            return;
+        }
         while let Some(batch) = st.deletes.next_batch(now) {
             let store = self.store.clone();
             st.delete_tasks

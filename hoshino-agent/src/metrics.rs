@@ -113,7 +113,7 @@ impl IgnoreReason {
 }
 
 /// Bundle rejection reasons: `BundleError::reason()` plus `bad_key` (an unparsable key).
-pub const REJECT_REASONS: [&str; 14] = [
+pub const REJECT_REASONS: [&str; 15] = [
     "oversized",
     "bad_magic",
     "bad_version",
@@ -128,6 +128,8 @@ pub const REJECT_REASONS: [&str; 14] = [
     "sender_mismatch",
     "wrong_destination",
     "bad_key",
+    // The header's session/seq differ from the key's (a bundle replayed under another key).
+    "key_mismatch",
 ];
 
 /// Upper bounds (seconds) of the S3 latency histogram buckets.

@@ -16,7 +16,7 @@ use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{Delete, ObjectIdentifier};
 use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 
 use crate::metrics::{Metrics, S3Op};
 
@@ -351,9 +351,26 @@ impl Store {
             status: None,
             retryable: true,
         };
-        let bytes = match tokio::time::timeout(self.body_timeout, out.body.collect()).await {
-            Ok(Ok(b)) => b.into_bytes(),
-            Ok(Err(e)) => return Err(body_error(format!("reading the body: {e}"))),
+        // Read into one buffer of the announced size (no second copy of a large body), and
+        // bound the whole read: a stalled body fails this attempt instead of holding the GET.
+        let mut body = out.body;
+        let read = async {
+            let mut buf = BytesMut::with_capacity(usize::try_from(size).unwrap_or(0).min(limit));
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk.map_err(|e| body_error(format!("reading the body: {e}")))?;
+                if buf.len() + chunk.len() > limit {
+                    return Err(S3Error::TooLarge {
+                        key: key.to_string(),
+                        size: (buf.len() + chunk.len()) as u64,
+                        limit,
+                    });
+                }
+                buf.extend_from_slice(&chunk);
+            }
+            Ok(buf.freeze())
+        };
+        let bytes = match tokio::time::timeout(self.body_timeout, read).await {
+            Ok(r) => r?,
             Err(_) => {
                 return Err(body_error(format!(
                     "reading the body: stalled for {:?}",
