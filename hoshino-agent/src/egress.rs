@@ -64,6 +64,8 @@ pub struct Egress {
 
 struct PutDone {
     dest: NodeId,
+    /// The bundle's key: a ring's body, so the receiver can probe this stream at once.
+    key: String,
     body_len: usize,
     packets: u32,
     packet_bytes: u64,
@@ -143,6 +145,7 @@ impl Egress {
         puts.spawn(async move {
             let started = Instant::now();
             let r = store.put(&key, body).await;
+            let key_done = key.clone();
             if let Err(e) = &r {
                 tracing::warn!(error = %e, "bundle PUT failed after retries; its packets are dropped");
                 // Under the same key, so the receiver moves on at once; if even this fails
@@ -153,6 +156,7 @@ impl Egress {
             }
             PutDone {
                 dest,
+                key: key_done,
                 body_len,
                 packets,
                 packet_bytes,
@@ -175,13 +179,18 @@ impl Egress {
         self.metrics.egress_bytes.fetch_add(d.packet_bytes, Relaxed);
         self.sent.notify_one();
         let now = Instant::now();
+        self.bundler
+            .put_latency(d.dest, now.saturating_duration_since(d.started), now);
         schedule.prune(now);
         if schedule.put_succeeded(d.dest, d.started, now) {
             let store = self.store.clone();
             let metrics = self.metrics.clone();
             let key = bell_key(d.dest);
             bells.spawn(async move {
-                let body = Bytes::from(ulid::Ulid::new().to_string());
+                // The key just written: a hint naming the new stream (the receiver trusts only
+                // the key's shape; IAM makes sure only its sender could have written it). Every
+                // ring names another seq, so the bell's ETag changes.
+                let body = Bytes::from(d.key);
                 match store.put(&key, body).await {
                     Ok(()) => {
                         metrics.bells_rung.fetch_add(1, Relaxed);

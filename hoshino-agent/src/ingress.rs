@@ -41,6 +41,11 @@ const PROBE_WHILE: Duration = crate::mailbox::IDLE_AFTER;
 /// A stream that found a bundle within this long is hot: it keeps `HOT_DEPTH` probes in flight.
 const HOT_WITHIN: Duration = Duration::from_millis(250);
 const HOT_DEPTH: u64 = 3;
+/// While active, the bell is read this often (a GET-class request): a changed bell names a new
+/// stream, found faster than by a LIST.
+const BELL_EVERY_ACTIVE: Duration = Duration::from_millis(100);
+/// A bell body is a bundle key (90 bytes); anything much larger is not a bell we wrote.
+const BELL_MAX_BYTES: usize = 1024;
 /// How long after a PUT of ours every known stream is probed (a reply is likely).
 const EXPECT_REPLY: Duration = Duration::from_secs(2);
 /// What a probe of a stream whose bundle size is not known yet reserves in the byte budget (and
@@ -120,6 +125,9 @@ struct State {
     expect_until: Option<Instant>,
     found: bool,
     bell_etag: Option<String>,
+    /// Bell GETs (ETag + the hint naming the stream that rang).
+    bells: JoinSet<Result<Option<(String, Bytes)>, S3Error>>,
+    last_bell_check: Option<Instant>,
     up: bool,
     last_warn: Option<Instant>,
     tun_queue: mpsc::UnboundedSender<Vec<Received>>,
@@ -175,6 +183,8 @@ impl Ingress {
             expect_until: None,
             found: false,
             bell_etag: None,
+            bells: JoinSet::new(),
+            last_bell_check: None,
             up: false,
             last_warn: None,
             tun_queue,
@@ -198,11 +208,13 @@ impl Ingress {
                 continue;
             }
             self.spawn_gets(&mut st);
-            let wake_at = [
-                Some(due),
-                st.reorder.next_deadline(),
-                st.deletes.next_deadline(),
-            ]
+            // Deletes wait while a LIST is in flight (its completion wakes the loop).
+            let deletes_due = st
+                .lists
+                .is_empty()
+                .then(|| st.deletes.next_deadline())
+                .flatten();
+            let wake_at = [Some(due), st.reorder.next_deadline(), deletes_due]
             .into_iter()
             .flatten()
             .min();
@@ -212,6 +224,11 @@ impl Ingress {
                 Some(done) = st.gets.join_next(), if !st.gets.is_empty() => {
                     if let Ok(done) = done {
                         self.get_done(&mut st, done, &mut out);
+                    }
+                }
+                Some(bell) = st.bells.join_next(), if !st.bells.is_empty() => {
+                    if let Ok(bell) = bell {
+                        self.bell_read(&mut st, bell);
                     }
                 }
                 Some(listing) = st.lists.join_next(), if !st.lists.is_empty() => {
@@ -255,6 +272,12 @@ impl Ingress {
                 if list_due {
                     self.start_list(st, now);
                 }
+                let bell_due = st
+                    .last_bell_check
+                    .is_none_or(|t| now.saturating_duration_since(t) >= BELL_EVERY_ACTIVE);
+                if bell_due {
+                    self.check_bell(st, now);
+                }
                 self.probe(st, now);
                 let was_idle = st.heartbeat.is_idle();
                 st.heartbeat.list_done(now, found);
@@ -277,6 +300,8 @@ impl Ingress {
                 };
                 if changed {
                     st.list_wanted = true;
+                    // Read the hint: which stream rang, so it is probed at once.
+                    self.check_bell(st, now);
                 }
                 st.heartbeat.bell_done(Instant::now(), changed);
             }
@@ -303,6 +328,58 @@ impl Ingress {
     /// `MAX_PAGES` pages), so that every key is seen within one pass however large the inbox.
     /// LIST and DeleteObjects never overlap: some servers (s3s-fs) fail a LIST whose walk races
     /// a delete; a LIST that cannot start now is wanted at the next tick.
+    fn check_bell(&self, st: &mut State, now: Instant) {
+        if !st.bells.is_empty() {
+            return;
+        }
+        st.last_bell_check = Some(now);
+        let store = self.store.clone();
+        let key = bell_key(self.me.id);
+        st.bells
+            .spawn(async move { store.get_tagged(&key, BELL_MAX_BYTES).await });
+    }
+
+    /// A bell GET arrived. A changed bell means a sender started (again) talking to us: its body
+    /// names the key it just wrote, so that stream is probed at once, without waiting for a
+    /// LIST. The hint is only trusted for its shape: any node may ring any bell, but a probe is
+    /// just a GET of a key that IAM lets only the named sender write.
+    fn bell_read(&self, st: &mut State, bell: Result<Option<(String, Bytes)>, S3Error>) {
+        let (etag, body) = match bell {
+            Ok(Some(b)) => b,
+            Ok(None) => return,
+            Err(e) => {
+                self.warn(st, &e);
+                return;
+            }
+        };
+        if st.bell_etag.as_deref() == Some(etag.as_str()) {
+            return;
+        }
+        st.bell_etag = Some(etag);
+        st.list_wanted = true;
+        let Some(hint) = std::str::from_utf8(&body)
+            .ok()
+            .and_then(|k| parse_bundle_key(k.trim(), self.me.id).ok())
+        else {
+            return;
+        };
+        let now = Instant::now();
+        let stream = StreamId {
+            sender: hint.sender,
+            session: hint.session,
+        };
+        st.reorder.resume(stream, st.cursor.next(stream), now);
+        st.last_hit.insert(stream, now);
+        if st.heartbeat.is_idle() {
+            st.heartbeat.wake(now);
+        }
+        let key = hint.to_key();
+        if !st.getting.contains(&key) && !st.seen.contains(&key) && !st.cursor.delivered(stream, hint.seq) {
+            self.spawn_get(st, key, hint, Lookup::Probe, PROBE_RESERVE);
+        }
+        self.probe(st, now);
+    }
+
     fn start_list(&self, st: &mut State, now: Instant) {
         if !st.lists.is_empty() || !st.delete_tasks.is_empty() {
             st.list_wanted = true;
@@ -682,6 +759,7 @@ impl Ingress {
     async fn finish(&self, mut st: State, writer: tokio::task::JoinHandle<()>) {
         st.gets.abort_all();
         st.lists.abort_all();
+        st.bells.abort_all();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
         let far = Instant::now() + Duration::from_secs(3600);
         let _ = tokio::time::timeout_at(deadline, async {

@@ -431,6 +431,60 @@ impl Store {
         })
     }
 
+    /// A small object's ETag and bytes (at most `limit`), `None` if it does not exist (403 reads
+    /// as absent, as for a probe): the doorbell.
+    pub async fn get_tagged(
+        &self,
+        key: &str,
+        limit: usize,
+    ) -> Result<Option<(String, Bytes)>, S3Error> {
+        self.attempts(S3Op::Get, || async {
+            let out = match self
+                .client
+                .get_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .send()
+                .await
+            {
+                Ok(out) => out,
+                Err(e) => {
+                    let status = e.raw_response().map(|r| r.status().as_u16());
+                    return if e.as_service_error().is_some_and(|s| s.is_no_such_key())
+                        || status.is_some_and(absent_status)
+                    {
+                        Ok(None)
+                    } else {
+                        Err(request_error(S3Op::Get, key, e))
+                    };
+                }
+            };
+            let etag = out.e_tag().unwrap_or_default().to_string();
+            let body = tokio::time::timeout(self.body_timeout, out.body.collect())
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .map(|b| b.into_bytes())
+                .ok_or_else(|| S3Error::Request {
+                    op: "get",
+                    key: key.to_string(),
+                    message: "reading the body failed or stalled".into(),
+                    code: None,
+                    status: None,
+                    retryable: true,
+                })?;
+            if body.len() > limit {
+                return Err(S3Error::TooLarge {
+                    key: key.to_string(),
+                    size: body.len() as u64,
+                    limit,
+                });
+            }
+            Ok(Some((etag, body)))
+        })
+        .await
+    }
+
     /// The object's ETag, or `None` if it does not exist.
     pub async fn head(&self, key: &str) -> Result<Option<String>, S3Error> {
         self.attempts(S3Op::Head, || async {
