@@ -180,7 +180,12 @@ pub struct TunnelArgs {
 
     /// Directory for the delivery cursor `cursor-<node id>` (exactly-once delivery across
     /// restarts) [default: /var/lib/hoshino].
-    #[arg(long, env = "HOSHINO_STATE_DIR", help_heading = "Node", value_name = "DIR")]
+    #[arg(
+        long,
+        env = "HOSHINO_STATE_DIR",
+        help_heading = "Node",
+        value_name = "DIR"
+    )]
     pub state_dir: Option<PathBuf>,
     /// Byte budget over inbox GETs in flight plus bundles held for reordering; objects beyond it
     /// wait in the bucket [default: 33554432, at least 16777216].

@@ -173,7 +173,9 @@ impl Cursor {
             let Some((sender, session, next, updated)) = parsed else {
                 return Err((
                     i + 1,
-                    format!("expected `<sender:16hex> <session:16hex> <next:16hex> <unix secs>`, found `{line}`"),
+                    format!(
+                        "expected `<sender:16hex> <session:16hex> <next:16hex> <unix secs>`, found `{line}`"
+                    ),
                 ));
             };
             cursor.streams.insert(
@@ -298,7 +300,8 @@ mod tests {
     #[test]
     fn a_malformed_file_is_an_error_naming_the_line() {
         assert_eq!(Cursor::decode("nonsense\n").unwrap_err().0, 1);
-        let text = "hoshino-cursor v1\n00000000000000ab 00000000000000cd 0000000000000001 5\nbad line\n";
+        let text =
+            "hoshino-cursor v1\n00000000000000ab 00000000000000cd 0000000000000001 5\nbad line\n";
         assert_eq!(Cursor::decode(text).unwrap_err().0, 3);
         let short = "hoshino-cursor v1\nab cd 1 5\n";
         assert_eq!(Cursor::decode(short).unwrap_err().0, 2);
@@ -323,7 +326,10 @@ mod tests {
     fn the_file_is_replaced_atomically_and_read_back() {
         let dir = std::env::temp_dir().join(format!("hoshino-cursor-{}", std::process::id()));
         let file = CursorFile::new(&dir.join("state"), NodeId(0x42));
-        assert!(file.load().unwrap().is_empty(), "missing file: empty cursor");
+        assert!(
+            file.load().unwrap().is_empty(),
+            "missing file: empty cursor"
+        );
         let mut c = Cursor::default();
         c.advance(stream(1, 1), 99, 10);
         file.store(&c).unwrap();

@@ -215,9 +215,9 @@ impl Ingress {
                 .then(|| st.deletes.next_deadline())
                 .flatten();
             let wake_at = [Some(due), st.reorder.next_deadline(), deletes_due]
-            .into_iter()
-            .flatten()
-            .min();
+                .into_iter()
+                .flatten()
+                .min();
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => break,
@@ -374,7 +374,10 @@ impl Ingress {
             st.heartbeat.wake(now);
         }
         let key = hint.to_key();
-        if !st.getting.contains(&key) && !st.seen.contains(&key) && !st.cursor.delivered(stream, hint.seq) {
+        if !st.getting.contains(&key)
+            && !st.seen.contains(&key)
+            && !st.cursor.delivered(stream, hint.seq)
+        {
             self.spawn_get(st, key, hint, Lookup::Probe, PROBE_RESERVE);
         }
         self.probe(st, now);
@@ -530,8 +533,7 @@ impl Ingress {
                 .get(&stream)
                 .map_or(PROBE_RESERVE, |n| n.saturating_mul(2))
                 .clamp(MIN_PROBE_RESERVE, MAX_BUNDLE_BYTES);
-            if st.gets.len() >= GET_CONCURRENCY
-                || st.budget_in_use() + reserve > self.budget_bytes
+            if st.gets.len() >= GET_CONCURRENCY || st.budget_in_use() + reserve > self.budget_bytes
             {
                 break;
             }
@@ -590,7 +592,10 @@ impl Ingress {
         st.budget_used = st.budget_used.saturating_sub(done.reserved);
         st.getting.remove(&done.key);
         let GetDone {
-            key, parsed, lookup, ..
+            key,
+            parsed,
+            lookup,
+            ..
         } = done;
         let body = match done.result {
             Ok(Some(b)) => b,
@@ -767,7 +772,7 @@ impl Ingress {
                 self.spawn_deletes(&mut st, far);
                 match st.delete_tasks.join_next().await {
                     Some(_) => st.deletes.batch_done(),
-                    None if st.deletes.len() == 0 => break,
+                    None if st.deletes.is_empty() => break,
                     None => {}
                 }
             }

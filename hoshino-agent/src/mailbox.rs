@@ -31,7 +31,9 @@ const HEX_WIDTH: usize = 16;
 pub enum KeyError {
     #[error("key `{key}` is not in inbox `{prefix}`")]
     OutsideInbox { key: String, prefix: String },
-    #[error("key `{key}`: expected `<session:16hex>-<seq:16hex>.<sender:16hex>` after the inbox prefix")]
+    #[error(
+        "key `{key}`: expected `<session:16hex>-<seq:16hex>.<sender:16hex>` after the inbox prefix"
+    )]
     Malformed { key: String },
 }
 
@@ -236,7 +238,10 @@ mod tests {
             format!("{s}-{q}.{a}.00000000000000aa"),
         ] {
             assert!(
-                matches!(parse_bundle_key(&format!("{p}{bad}"), US), Err(KeyError::Malformed { .. })),
+                matches!(
+                    parse_bundle_key(&format!("{p}{bad}"), US),
+                    Err(KeyError::Malformed { .. })
+                ),
                 "{bad}"
             );
         }

@@ -91,7 +91,13 @@ impl S3Error {
     }
 
     fn retryable(&self) -> bool {
-        matches!(self, S3Error::Request { retryable: true, .. })
+        matches!(
+            self,
+            S3Error::Request {
+                retryable: true,
+                ..
+            }
+        )
     }
 }
 
@@ -391,11 +397,7 @@ impl Store {
     /// One page (up to 1000 keys) under `prefix`, continuing from `continuation` (a token from
     /// the previous page). Keys are sorted client side: S3 Express One Zone lists unordered, and
     /// does not support StartAfter.
-    pub async fn list(
-        &self,
-        prefix: &str,
-        continuation: Option<&str>,
-    ) -> Result<Listing, S3Error> {
+    pub async fn list(&self, prefix: &str, continuation: Option<&str>) -> Result<Listing, S3Error> {
         let out = self
             .attempts(S3Op::List, || async {
                 self.client

@@ -158,12 +158,20 @@ async fn put_list_get_head_delete_round_trip() {
     assert_eq!(keys, ["v1/inbox/b/01.a", "v1/inbox/b/02.a"]);
     assert_eq!(listing.objects[0].size, 3);
     assert_eq!(
-        st.get("v1/inbox/b/01.a", 1024, Lookup::Known).await.unwrap().as_deref(),
+        st.get("v1/inbox/b/01.a", 1024, Lookup::Known)
+            .await
+            .unwrap()
+            .as_deref(),
         Some(&b"one"[..])
     );
     assert!(st.head("v1/inbox/b/01.a").await.unwrap().is_some());
     st.delete("v1/inbox/b/01.a").await.unwrap();
-    assert_eq!(st.get("v1/inbox/b/01.a", 1024, Lookup::Known).await.unwrap(), None);
+    assert_eq!(
+        st.get("v1/inbox/b/01.a", 1024, Lookup::Known)
+            .await
+            .unwrap(),
+        None
+    );
     assert_eq!(st.head("v1/inbox/b/01.a").await.unwrap(), None);
     assert_eq!(s.metrics.s3_requests(S3Op::Put), 2);
     assert_eq!(s.metrics.s3_requests(S3Op::Delete), 1);
