@@ -30,7 +30,9 @@ pub struct BundlerConfig {
 impl Default for BundlerConfig {
     fn default() -> Self {
         BundlerConfig {
-            max_bytes: 1024 * 1024,
+            // Several MiB: under load bundles grow to this (rate x PUT latency); fewer, larger
+            // PUTs are what makes a GiB cheap.
+            max_bytes: 4 * 1024 * 1024,
             max_age: Duration::from_millis(20),
             puts_per_dest: 4,
             puts_in_flight: 32,

@@ -152,7 +152,7 @@ pub struct TunnelArgs {
     #[arg(long, env = "HOSHINO_IDLE_POLL", help_heading = "Polling", value_parser = parse_duration, value_name = "DURATION")]
     pub idle_poll: Option<Duration>,
 
-    /// Flush a destination's bundle at this size [default: 1048576].
+    /// Flush a destination's bundle at this size [default: 4194304].
     #[arg(
         long,
         env = "HOSHINO_BUNDLE_MAX_BYTES",

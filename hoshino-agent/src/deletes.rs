@@ -1,5 +1,5 @@
 //! Batched deletes: keys to delete wait here until 1,000 have gathered (one DeleteObjects
-//! request) or the oldest has waited `max_delay`. Sans-IO: the ingress performs the batches.
+//! request) or the oldest has waited `max_delay` (1 s). Sans-IO: the ingress performs the batches.
 //!
 //! Exactly-once does not depend on a delete succeeding (the delivery cursor does that); deletes
 //! only keep the inbox small, so a failed batch is simply queued again later by the LIST that
@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use crate::s3::MAX_DELETE_BATCH;
 
 /// Default bound on how long a key waits before its batch is sent.
-pub const MAX_DELAY: Duration = Duration::from_millis(200);
+/// DeleteObjects is billed as a POST ($0.005/1,000, while DELETE is free), so batches are
+/// made large: at most one per second per node while traffic flows.
+pub const MAX_DELAY: Duration = Duration::from_secs(1);
 /// Batches in flight at once.
 pub const MAX_IN_FLIGHT: usize = 4;
 /// Keys queued at most; beyond it a key is dropped from the queue (it stays in the bucket, is
