@@ -27,6 +27,7 @@ use crate::heartbeat::{Heartbeat, HeartbeatConfig, Poll};
 use crate::mailbox::{BundleKey, bell_key, inbox_prefix, parse_bundle_key};
 use crate::metrics::{DropReason, Metrics};
 use crate::node_addr::{NodeAddr, NodeId};
+use crate::probe::ProbeSchedule;
 use crate::reorder::{Offer, Reorder, ReorderConfig, SeenKeys, StreamId};
 use crate::s3::{Listing, Lookup, S3Error, Store};
 
@@ -121,6 +122,8 @@ struct State {
     list_wanted: bool,
     /// Last time each stream found a bundle.
     last_hit: HashMap<StreamId, Instant>,
+    /// Spaces out the probes of a stream that keeps missing.
+    probes: ProbeSchedule,
     /// After we sent something, every known stream is probed until then: a reply is likely.
     expect_until: Option<Instant>,
     found: bool,
@@ -180,6 +183,7 @@ impl Ingress {
             last_list: None,
             list_wanted: true,
             last_hit: HashMap::new(),
+            probes: ProbeSchedule::default(),
             expect_until: None,
             found: false,
             bell_etag: None,
@@ -252,6 +256,7 @@ impl Ingress {
                     // the backed-off interval (idle or not).
                     let now = Instant::now();
                     st.heartbeat.hurry(now);
+                    st.probes.hurry();
                     st.expect_until = Some(now + EXPECT_REPLY);
                 }
                 _ = sleep_until(wake_at) => {}
@@ -370,6 +375,7 @@ impl Ingress {
         };
         st.reorder.resume(stream, st.cursor.next(stream), now);
         st.last_hit.insert(stream, now);
+        st.probes.hit(stream);
         if st.heartbeat.is_idle() {
             st.heartbeat.wake(now);
         }
@@ -497,9 +503,11 @@ impl Ingress {
         let expecting = st.expect_until.is_some_and(|t| now < t);
         let mut keys = Vec::new();
         st.last_size.retain(|id, _| st.last_hit.contains_key(id));
+        let last_hit = &st.last_hit;
+        st.probes.retain(|id| last_hit.contains_key(id));
         for (stream, next) in st.reorder.expected() {
             let hit = st.last_hit.get(&stream);
-            if hit.is_none() && !expecting {
+            if (hit.is_none() && !expecting) || !st.probes.may_probe(stream, now) {
                 continue;
             }
             let depth = if hit.is_some_and(|h| now.saturating_duration_since(*h) < HOT_WITHIN) {
@@ -600,9 +608,16 @@ impl Ingress {
         let body = match done.result {
             Ok(Some(b)) => b,
             Ok(None) => {
-                if lookup == Lookup::Known {
+                match lookup {
                     // Deleted meanwhile (by us earlier, or by the lifecycle rule).
-                    st.seen.insert(key, Instant::now());
+                    Lookup::Known => st.seen.insert(key, Instant::now()),
+                    Lookup::Probe => st.probes.missed(
+                        StreamId {
+                            sender: parsed.sender,
+                            session: parsed.session,
+                        },
+                        Instant::now(),
+                    ),
                 }
                 return;
             }
@@ -632,6 +647,7 @@ impl Ingress {
         let now = Instant::now();
         st.found = true;
         st.last_hit.insert(stream, now);
+        st.probes.hit(stream);
         st.last_size.insert(stream, body.len());
         let decoded = bundle::decode(&body, self.key.as_ref()).and_then(|b| {
             if b.header.sender != parsed.sender {

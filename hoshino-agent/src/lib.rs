@@ -1,7 +1,7 @@
 //! Hoshino agent library: the sans-IO core and the I/O edges of the tunnel and interceptor.
 //!
 //! Sans-IO core (no clock, network or kernel; time is passed in): `node_addr`, `bundle`,
-//! `mailbox` (the key schedule), `heartbeat`, `reorder`, `cursor`, `deletes`, `bundler`,
+//! `mailbox` (the key schedule), `heartbeat`, `probe`, `reorder`, `cursor`, `deletes`, `bundler`,
 //! `metrics`, `policy`.
 //! I/O edges: `tun_device`, `netlink`, `s3`, `metrics_http`, `egress`, `ingress`, `tunnel`,
 //! `interceptor`.
@@ -15,6 +15,7 @@ pub mod mailbox;
 pub mod metrics;
 pub mod node_addr;
 pub mod policy;
+pub mod probe;
 pub mod reorder;
 
 pub mod cli;
