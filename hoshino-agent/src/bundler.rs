@@ -2,8 +2,11 @@
 //!
 //! An open bundle per destination collects packets; it is sealed and handed out for a PUT when
 //! - it reached `max_bytes` (or `MAX_PACKETS`), or
-//! - its destination has fewer than `puts_per_dest` PUTs in flight (so a lone packet leaves at
-//!   once, and under load packets pile up into larger bundles while earlier PUTs run), or
+//! - its destination has no PUT in flight (a lone packet to an idle destination leaves at once),
+//! - or fewer than `puts_per_dest` PUTs in flight and the destination's pacing interval (its
+//!   measured PUT latency / `puts_per_dest`) has passed since its last PUT started: under load
+//!   PUTs are spread over a PUT latency, so each bundle grows with rate x PUT latency (up to
+//!   `max_bytes`), and the reverse (ACK) direction coalesces the same way, or
 //! - its oldest packet is `max_age` old,
 //!
 //! and fewer than `puts_in_flight` PUTs run in total. Bytes held (open, sealed and in flight) are
@@ -27,7 +30,9 @@ pub struct BundlerConfig {
 impl Default for BundlerConfig {
     fn default() -> Self {
         BundlerConfig {
-            max_bytes: 1024 * 1024,
+            // Several MiB: under load bundles grow to this (rate x PUT latency); fewer, larger
+            // PUTs are what makes a GiB cheap.
+            max_bytes: 4 * 1024 * 1024,
             max_age: Duration::from_millis(20),
             puts_per_dest: 4,
             puts_in_flight: 32,
@@ -71,6 +76,14 @@ pub struct Bundler {
     in_flight_per_dest: HashMap<NodeId, usize>,
     in_flight: usize,
     buffered: usize,
+    pace: HashMap<NodeId, Pace>,
+}
+
+/// Per destination: when its last PUT started and how long its PUTs take (EWMA).
+#[derive(Clone, Copy, Debug)]
+struct Pace {
+    last_start: Instant,
+    latency: Option<Duration>,
 }
 
 impl Bundler {
@@ -91,7 +104,28 @@ impl Bundler {
             in_flight_per_dest: HashMap::new(),
             in_flight: 0,
             buffered: 0,
+            pace: HashMap::new(),
         }
+    }
+
+    /// A PUT to `dest` succeeded after `took`: feeds the pacing interval.
+    pub fn put_latency(&mut self, dest: NodeId, took: Duration, now: Instant) {
+        let p = self.pace.entry(dest).or_insert(Pace {
+            last_start: now,
+            latency: None,
+        });
+        // EWMA with weight 1/4: follows a change of the store's latency within a few PUTs.
+        p.latency = Some(match p.latency {
+            Some(l) => (l * 3 + took) / 4,
+            None => took,
+        });
+    }
+
+    /// When the next PUT to `dest` may start early (before `max_age`), if pacing holds it back.
+    fn paced_until(&self, dest: &NodeId) -> Option<Instant> {
+        let p = self.pace.get(dest)?;
+        let interval = p.latency? / u32::try_from(self.config.puts_per_dest.max(1)).unwrap_or(1);
+        Some(p.last_start + interval)
     }
 
     pub fn buffered_bytes(&self) -> usize {
@@ -166,6 +200,24 @@ impl Bundler {
         });
     }
 
+    /// The session this bundler numbers its bundles in.
+    pub fn session(&self) -> u64 {
+        self.session
+    }
+
+    /// An empty bundle (`count == 0`) for `seq` of `dest`'s stream: the explicit "skip" a sender
+    /// publishes under a key whose PUT it gave up, so the receiver moves past it at once
+    /// instead of waiting for its gap timeout.
+    pub fn skip_marker(&self, dest: NodeId, seq: u64) -> Vec<u8> {
+        let header = BundleHeader {
+            sender: self.sender,
+            dest,
+            session: self.session,
+            seq,
+        };
+        BundleWriter::new().finish(&header, self.key.as_ref())
+    }
+
     /// The next bundle to PUT, if the flush rules and the in-flight limit allow one now. The
     /// caller must report its completion with `put_done`.
     pub fn next_put(&mut self, now: Instant) -> Option<Sealed> {
@@ -177,8 +229,10 @@ impl Bundler {
                 .open
                 .iter()
                 .filter(|(dest, open)| {
-                    self.in_flight_per_dest.get(dest).copied().unwrap_or(0)
-                        < self.config.puts_per_dest
+                    let in_flight = self.in_flight_per_dest.get(dest).copied().unwrap_or(0);
+                    let paced = self.paced_until(dest).is_none_or(|t| now >= t);
+                    // `puts_per_dest == 0` leaves only the size and age rules.
+                    (in_flight < self.config.puts_per_dest && (in_flight == 0 || paced))
                         || now.saturating_duration_since(open.oldest) >= self.config.max_age
                 })
                 .min_by_key(|(_, open)| open.oldest)
@@ -186,6 +240,11 @@ impl Bundler {
             self.seal(ready?);
         }
         let sealed = self.sealed.pop_front()?;
+        let p = self.pace.entry(sealed.dest).or_insert(Pace {
+            last_start: now,
+            latency: None,
+        });
+        p.last_start = now;
         self.in_flight += 1;
         *self.in_flight_per_dest.entry(sealed.dest).or_insert(0) += 1;
         Some(sealed)
@@ -207,8 +266,15 @@ impl Bundler {
     /// When the oldest open bundle reaches `max_age` (the caller then calls `next_put`).
     pub fn next_deadline(&self) -> Option<Instant> {
         self.open
-            .values()
-            .map(|o| o.oldest + self.config.max_age)
+            .iter()
+            .map(|(dest, o)| {
+                let aged = o.oldest + self.config.max_age;
+                let in_flight = self.in_flight_per_dest.get(dest).copied().unwrap_or(0);
+                match self.paced_until(dest) {
+                    Some(t) if in_flight < self.config.puts_per_dest => t.min(aged),
+                    _ => aged,
+                }
+            })
             .min()
     }
 
@@ -255,6 +321,44 @@ mod tests {
         let d = decode(&s.body, None).unwrap();
         assert_eq!(d.header.sender, ME);
         assert_eq!(d.header.session, 77);
+    }
+
+    #[test]
+    fn puts_to_a_busy_destination_are_paced_over_the_measured_put_latency() {
+        let mut b = bundler(BundlerConfig::default());
+        let t = Instant::now();
+        let ms = Duration::from_millis;
+        b.put_latency(D1, ms(40), t);
+        b.push(D1, &pkt(10), t).unwrap();
+        let first = b.next_put(t).unwrap();
+        // One PUT in flight: the next may start only a quarter of the PUT latency later, and
+        // the packets arriving meanwhile share one bundle.
+        for _ in 0..5 {
+            b.push(D1, &pkt(10), t + ms(2)).unwrap();
+            assert!(b.next_put(t + ms(2)).is_none());
+        }
+        assert_eq!(b.next_deadline(), Some(t + ms(10)));
+        let second = b.next_put(t + ms(10)).unwrap();
+        assert_eq!((second.seq, second.packets), (1, 5));
+        b.put_done(D1, first.body.len());
+        b.put_done(D1, second.body.len());
+        // Idle again: a lone packet leaves at once whatever the pacing says.
+        b.push(D1, &pkt(10), t + ms(11)).unwrap();
+        assert!(b.next_put(t + ms(11)).is_some());
+    }
+
+    #[test]
+    fn pacing_follows_the_put_latency() {
+        let mut b = bundler(BundlerConfig::default());
+        let t = Instant::now();
+        let ms = Duration::from_millis;
+        b.put_latency(D1, ms(40), t);
+        b.put_latency(D1, ms(8), t);
+        b.push(D1, &pkt(10), t).unwrap();
+        b.next_put(t).unwrap();
+        b.push(D1, &pkt(10), t).unwrap();
+        // EWMA (3 x 40 + 8) / 4 = 32 ms, interval 8 ms.
+        assert_eq!(b.next_deadline(), Some(t + ms(8)));
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! Egress: packets read from the TUN are classified, batched per destination by the `Bundler`,
-//! and PUT into the destination's inbox, several at once; after a PUT the `BellSchedule` decides
-//! whether to ring the destination's doorbell.
+//! and PUT into the destination's inbox under the stream's predictable key
+//! (`v2/inbox/<dest>/<session>-<seq>.<us>`), several at once; after a PUT the `BellSchedule`
+//! decides whether to ring the destination's doorbell. A PUT the store gave up on (its retries
+//! ride out several seconds of outage) is replaced by a skip marker under the same key.
 
 use std::net::Ipv6Addr;
 use std::sync::Arc;
@@ -14,7 +16,7 @@ use tokio::task::JoinSet;
 use tun_rs::AsyncDevice;
 
 use crate::bundler::{Bundler, Sealed};
-use crate::mailbox::{BellSchedule, bell_key, bundle_key};
+use crate::mailbox::{BellSchedule, BundleKey, bell_key};
 use crate::metrics::{DropReason, IgnoreReason, Metrics};
 use crate::node_addr::{NodeAddr, NodeId};
 use crate::s3::Store;
@@ -62,6 +64,8 @@ pub struct Egress {
 
 struct PutDone {
     dest: NodeId,
+    /// The bundle's key: a ring's body, so the receiver can probe this stream at once.
+    key: String,
     body_len: usize,
     packets: u32,
     packet_bytes: u64,
@@ -74,12 +78,11 @@ impl Egress {
         let mut buf = vec![0u8; READ_BUFFER];
         let mut puts: JoinSet<PutDone> = JoinSet::new();
         let mut bells: JoinSet<()> = JoinSet::new();
-        let mut ulids = ulid::Generator::new();
         let mut schedule = BellSchedule::default();
         loop {
             let now = Instant::now();
             while let Some(sealed) = self.bundler.next_put(now) {
-                self.spawn_put(&mut puts, &mut ulids, sealed);
+                self.spawn_put(&mut puts, sealed);
             }
             self.metrics
                 .egress_buffer_bytes
@@ -126,23 +129,34 @@ impl Egress {
         }
     }
 
-    fn spawn_put(&self, puts: &mut JoinSet<PutDone>, ulids: &mut ulid::Generator, s: Sealed) {
-        // The monotonic generator only fails when 80 random bits overflow within one
-        // millisecond; a fresh ULID is still unique, it just may not sort after its sibling.
-        let ulid = ulids.generate().unwrap_or_else(|_| ulid::Ulid::new());
-        let key = bundle_key(s.dest, ulid, self.me.id);
+    fn spawn_put(&self, puts: &mut JoinSet<PutDone>, s: Sealed) {
+        let key = BundleKey {
+            dest: s.dest,
+            session: self.bundler.session(),
+            seq: s.seq,
+            sender: self.me.id,
+        }
+        .to_key();
         let store = self.store.clone();
         let (dest, packets, packet_bytes, body_len) =
             (s.dest, s.packets, s.packet_bytes, s.body.len());
         let body = Bytes::from(s.body);
+        let skip = Bytes::from(self.bundler.skip_marker(s.dest, s.seq));
         puts.spawn(async move {
             let started = Instant::now();
             let r = store.put(&key, body).await;
+            let key_done = key.clone();
             if let Err(e) = &r {
                 tracing::warn!(error = %e, "bundle PUT failed after retries; its packets are dropped");
+                // Under the same key, so the receiver moves on at once; if even this fails
+                // the receiver's gap timeout is the safety net.
+                if let Err(e) = store.put(&key, skip).await {
+                    tracing::warn!(error = %e, "skip marker PUT failed");
+                }
             }
             PutDone {
                 dest,
+                key: key_done,
                 body_len,
                 packets,
                 packet_bytes,
@@ -165,13 +179,18 @@ impl Egress {
         self.metrics.egress_bytes.fetch_add(d.packet_bytes, Relaxed);
         self.sent.notify_one();
         let now = Instant::now();
+        self.bundler
+            .put_latency(d.dest, now.saturating_duration_since(d.started), now);
         schedule.prune(now);
         if schedule.put_succeeded(d.dest, d.started, now) {
             let store = self.store.clone();
             let metrics = self.metrics.clone();
             let key = bell_key(d.dest);
             bells.spawn(async move {
-                let body = Bytes::from(ulid::Ulid::new().to_string());
+                // The key just written: a hint naming the new stream (the receiver trusts only
+                // the key's shape; IAM makes sure only its sender could have written it). Every
+                // ring names another seq, so the bell's ETag changes.
+                let body = Bytes::from(d.key);
                 match store.put(&key, body).await {
                     Ok(()) => {
                         metrics.bells_rung.fetch_add(1, Relaxed);
@@ -185,12 +204,11 @@ impl Egress {
     /// Sends what is buffered and waits briefly for in-flight PUTs, so a clean stop loses little.
     async fn drain(mut self, mut puts: JoinSet<PutDone>, mut bells: JoinSet<()>) {
         self.bundler.seal_all();
-        let mut ulids = ulid::Generator::new();
         let mut schedule = BellSchedule::default();
         let deadline = tokio::time::Instant::now() + DRAIN_GRACE;
         loop {
             while let Some(s) = self.bundler.next_put(Instant::now()) {
-                self.spawn_put(&mut puts, &mut ulids, s);
+                self.spawn_put(&mut puts, s);
             }
             if puts.is_empty() {
                 break;

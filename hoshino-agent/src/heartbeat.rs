@@ -160,6 +160,21 @@ impl Heartbeat {
         }
     }
 
+    /// We sent something, so a reply is likely: an idle node wakes; an active one whose
+    /// interval has backed off returns to `min`, so a quiet-but-active node answers as fast as
+    /// an idle one.
+    pub fn hurry(&mut self, now: Instant) {
+        if self.idle {
+            self.wake(now);
+            return;
+        }
+        self.interval = self.config.min;
+        let soon = now + self.config.min;
+        if soon < self.next_at {
+            self.next_at = soon;
+        }
+    }
+
     /// Returns to active mode with an immediate LIST (a bell change, or the caller knows
     /// something arrived).
     pub fn wake(&mut self, now: Instant) {
@@ -173,6 +188,36 @@ impl Heartbeat {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sending_brings_a_backed_off_active_node_back_to_the_minimum_interval() {
+        let t = Instant::now();
+        let c = HeartbeatConfig::default();
+        let mut h = Heartbeat::new(c, t);
+        let mut now = t;
+        for _ in 0..8 {
+            now += h.interval();
+            h.list_done(now, false);
+        }
+        assert!(!h.is_idle());
+        assert!(h.interval() > c.min);
+        h.hurry(now);
+        assert_eq!(h.interval(), c.min);
+        assert_eq!(h.next().1, now + c.min);
+    }
+
+    #[test]
+    fn sending_wakes_an_idle_node_at_once() {
+        let t = Instant::now();
+        let c = HeartbeatConfig::default();
+        let mut h = Heartbeat::new(c, t);
+        let later = t + c.idle_after + Duration::from_secs(1);
+        h.list_done(later, false);
+        assert!(h.is_idle());
+        h.hurry(later);
+        assert!(!h.is_idle());
+        assert_eq!(h.next().1, later);
+    }
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)

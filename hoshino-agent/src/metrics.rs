@@ -14,10 +14,19 @@ pub enum S3Op {
     List,
     Head,
     Delete,
+    /// One DeleteObjects request (up to 1,000 keys), billed as a POST.
+    DeleteObjects,
 }
 
 impl S3Op {
-    pub const ALL: [S3Op; 5] = [S3Op::Put, S3Op::Get, S3Op::List, S3Op::Head, S3Op::Delete];
+    pub const ALL: [S3Op; 6] = [
+        S3Op::Put,
+        S3Op::Get,
+        S3Op::List,
+        S3Op::Head,
+        S3Op::Delete,
+        S3Op::DeleteObjects,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -26,14 +35,15 @@ impl S3Op {
             S3Op::List => "list",
             S3Op::Head => "head",
             S3Op::Delete => "delete",
+            S3Op::DeleteObjects => "delete_objects",
         }
     }
 
     /// AWS S3 Standard list price per request, in dollars: PUT/LIST $0.005 per 1,000,
-    /// GET/HEAD $0.0004 per 1,000, DELETE free.
+    /// GET/HEAD $0.0004 per 1,000, DELETE free, DeleteObjects (a POST) $0.005 per 1,000.
     pub fn price_dollars(self) -> f64 {
         match self {
-            S3Op::Put | S3Op::List => 0.005 / 1000.0,
+            S3Op::Put | S3Op::List | S3Op::DeleteObjects => 0.005 / 1000.0,
             S3Op::Get | S3Op::Head => 0.0004 / 1000.0,
             S3Op::Delete => 0.0,
         }
@@ -103,7 +113,7 @@ impl IgnoreReason {
 }
 
 /// Bundle rejection reasons: `BundleError::reason()` plus `bad_key` (an unparsable key).
-pub const REJECT_REASONS: [&str; 14] = [
+pub const REJECT_REASONS: [&str; 15] = [
     "oversized",
     "bad_magic",
     "bad_version",
@@ -118,6 +128,8 @@ pub const REJECT_REASONS: [&str; 14] = [
     "sender_mismatch",
     "wrong_destination",
     "bad_key",
+    // The header's session/seq differ from the key's (a bundle replayed under another key).
+    "key_mismatch",
 ];
 
 /// Upper bounds (seconds) of the S3 latency histogram buckets.

@@ -143,6 +143,31 @@ impl<T> Reorder<T> {
         }
     }
 
+    /// Starts tracking `id` at `next` if it is not tracked yet: a restarted receiver resumes a
+    /// stream at its delivery cursor instead of waiting for seqs it delivered before.
+    pub fn resume(&mut self, id: StreamId, next: u64, now: Instant) {
+        if self.streams.contains_key(&id) {
+            return;
+        }
+        if self.streams.len() >= self.config.max_streams {
+            self.evict_one();
+        }
+        self.streams.insert(
+            id,
+            Stream {
+                next,
+                held: BTreeMap::new(),
+                gap_since: None,
+                last_seen: now,
+            },
+        );
+    }
+
+    /// The seq each tracked stream expects next (the key a receiver can probe for).
+    pub fn expected(&self) -> impl Iterator<Item = (StreamId, u64)> + '_ {
+        self.streams.iter().map(|(id, s)| (*id, s.next))
+    }
+
     /// Skips holes older than the gap timeout and forgets idle streams.
     pub fn expire(&mut self, now: Instant, out: &mut Vec<T>) {
         let timeout = self.config.gap_timeout;
@@ -235,6 +260,24 @@ impl SeenKeys {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_resumed_stream_delivers_from_its_cursor_without_waiting() {
+        let t = Instant::now();
+        let id = StreamId {
+            sender: NodeId(1),
+            session: 1,
+        };
+        let mut r = Reorder::new(ReorderConfig::default());
+        r.resume(id, 57, t);
+        let mut out = Vec::new();
+        assert_eq!(r.offer(id, 56, "old", t, &mut out), Offer::Duplicate);
+        assert_eq!(r.offer(id, 57, "next", t, &mut out), Offer::Delivered);
+        assert_eq!(out, vec!["next"]);
+        assert_eq!(r.expected().collect::<Vec<_>>(), vec![(id, 58)]);
+        r.resume(id, 0, t);
+        assert_eq!(r.expected().next(), Some((id, 58)), "resume never rewinds");
+    }
 
     const A: StreamId = StreamId {
         sender: NodeId(1),

@@ -1,6 +1,8 @@
-//! The S3 edge: client construction from the standard AWS chain plus flags, retry and timeout
-//! policy, and the five calls the mailbox needs, each timed and counted in the metrics.
+//! The S3 edge: client construction from the standard AWS chain plus flags, Hoshino's own retry
+//! loop (so every *attempt*, as AWS bills them, is timed and counted in the metrics), and the
+//! calls the mailbox needs.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,9 +14,17 @@ use aws_sdk_s3::config::{
 };
 use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
-use bytes::Bytes;
+use aws_sdk_s3::types::{Delete, ObjectIdentifier};
+use aws_smithy_runtime_api::client::orchestrator::HttpResponse;
+use bytes::{Bytes, BytesMut};
 
 use crate::metrics::{Metrics, S3Op};
+
+/// Attempts per call: with backoff from 25 ms doubling to 1 s, 12 attempts ride out an outage of
+/// about 6.5 s before a call fails.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 12;
+const INITIAL_BACKOFF: Duration = Duration::from_millis(25);
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone)]
 pub struct S3Settings {
@@ -38,7 +48,7 @@ impl S3Settings {
             path_style: false,
             attempt_timeout: Duration::from_secs(10),
             operation_timeout: Duration::from_secs(30),
-            max_attempts: 5,
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
         }
     }
 }
@@ -52,6 +62,10 @@ pub enum S3Error {
         message: String,
         /// The service's error code (`AccessDenied`, `NoSuchBucket`, ...), when it sent one.
         code: Option<String>,
+        /// HTTP status, when a response arrived.
+        status: Option<u16>,
+        /// 5xx, throttling, timeouts and transport errors: worth another attempt.
+        retryable: bool,
     },
     #[error("S3 GET `{key}`: object of {size} bytes exceeds the {limit}-byte limit")]
     TooLarge {
@@ -68,12 +82,28 @@ impl S3Error {
             S3Error::TooLarge { .. } => None,
         }
     }
+
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            S3Error::Request { status, .. } => *status,
+            S3Error::TooLarge { .. } => None,
+        }
+    }
+
+    fn retryable(&self) -> bool {
+        matches!(
+            self,
+            S3Error::Request {
+                retryable: true,
+                ..
+            }
+        )
+    }
 }
 
-fn request_error<E, R>(op: S3Op, key: &str, e: SdkError<E, R>) -> S3Error
+fn request_error<E>(op: S3Op, key: &str, e: SdkError<E, HttpResponse>) -> S3Error
 where
     E: std::error::Error + ProvideErrorMetadata + Send + Sync + 'static,
-    R: std::fmt::Debug + Send + Sync + 'static,
 {
     let code = e
         .as_service_error()
@@ -84,11 +114,28 @@ where
         (Some(code), None) => code.clone(),
         _ => DisplayErrorContext(&e).to_string(),
     };
+    let status = e.raw_response().map(|r| r.status().as_u16());
+    let retryable = match &e {
+        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
+            true
+        }
+        _ => {
+            status.is_some_and(|s| s >= 500 || s == 429 || s == 408)
+                || code.as_deref().is_some_and(|c| {
+                    matches!(
+                        c,
+                        "SlowDown" | "Throttling" | "ThrottlingException" | "RequestTimeout"
+                    )
+                })
+        }
+    };
     S3Error::Request {
         op: op.as_str(),
         key: key.to_string(),
         message,
         code,
+        status,
+        retryable,
     }
 }
 
@@ -104,6 +151,8 @@ pub struct Listing {
     pub objects: Vec<Listed>,
     /// More keys exist beyond this page.
     pub truncated: bool,
+    /// The continuation token for the next page, when there is one.
+    pub next: Option<String>,
 }
 
 /// The bucket, as the mailbox uses it.
@@ -112,6 +161,11 @@ pub struct Store {
     client: Client,
     bucket: String,
     metrics: Arc<Metrics>,
+    max_attempts: u32,
+    /// Every GET body read is bounded by this, so a stalled body cannot hold a GET for ever.
+    body_timeout: Duration,
+    /// Whole call, retries included.
+    operation_timeout: Duration,
 }
 
 /// Builds a client from the standard AWS chain (env, profile, instance role) and the flags.
@@ -142,23 +196,29 @@ pub fn configure(
         // Default checksums (CRC32 trailers) break several non-AWS servers.
         .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
         .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
-        // Standard mode retries 5xx, throttling (SlowDown) and timeouts with jittered
-        // exponential backoff; the first retry comes fast because packets are waiting.
-        .retry_config(
-            RetryConfig::standard()
-                .with_max_attempts(settings.max_attempts.max(1))
-                .with_initial_backoff(Duration::from_millis(25))
-                .with_max_backoff(Duration::from_secs(2)),
-        )
+        // `Store` retries itself (see `Store::attempts`), so that each attempt is counted as
+        // the request AWS bills; the SDK makes exactly one.
+        .retry_config(RetryConfig::disabled())
         .timeout_config(
             TimeoutConfig::builder()
                 .connect_timeout(Duration::from_secs(5))
                 .operation_attempt_timeout(settings.attempt_timeout)
-                .operation_timeout(settings.operation_timeout)
+                .operation_timeout(settings.attempt_timeout)
                 .build(),
         )
         // Bundles are small and quick; the stalled-stream grace period only delays errors.
         .stalled_stream_protection(StalledStreamProtectionConfig::disabled())
+}
+
+/// How a GET reads "access denied".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Lookup {
+    /// A probe of a key that may not exist yet (the next seq of a stream, the doorbell): 403
+    /// reads as absent, see `absent_status`.
+    Probe,
+    /// A key a LIST showed to exist: only 404 is absent; a 403 is an error (counted, retried
+    /// later), e.g. an SSE-KMS bucket without decrypt permission, never silently "gone".
+    Known,
 }
 
 /// Whether an HTTP status on a GET/HEAD of one of our own keys means "no such object".
@@ -174,10 +234,17 @@ fn absent_status(status: u16) -> bool {
 
 impl Store {
     pub fn new(client: Client, bucket: impl Into<String>, metrics: Arc<Metrics>) -> Store {
+        Store::with_settings(client, &S3Settings::new(bucket), metrics)
+    }
+
+    pub fn with_settings(client: Client, settings: &S3Settings, metrics: Arc<Metrics>) -> Store {
         Store {
             client,
-            bucket: bucket.into(),
+            bucket: settings.bucket.clone(),
             metrics,
+            max_attempts: settings.max_attempts.max(1),
+            body_timeout: settings.attempt_timeout,
+            operation_timeout: settings.operation_timeout,
         }
     }
 
@@ -185,27 +252,74 @@ impl Store {
         &self.bucket
     }
 
-    fn record(&self, op: S3Op, started: Instant, ok: bool) {
-        self.metrics.s3_request(op, started.elapsed(), ok);
+    /// Runs `attempt` until it succeeds, fails for good, or `max_attempts` / the operation
+    /// timeout are spent, with jittered exponential backoff between attempts. Each attempt is
+    /// timed and counted (an error counts as an error only if the attempt failed).
+    async fn attempts<T, F, Fut>(&self, op: S3Op, mut attempt: F) -> Result<T, S3Error>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, S3Error>>,
+    {
+        let call_started = Instant::now();
+        let mut backoff = INITIAL_BACKOFF;
+        let mut n = 0;
+        loop {
+            n += 1;
+            let started = Instant::now();
+            let r = attempt().await;
+            self.metrics.s3_request(op, started.elapsed(), r.is_ok());
+            match r {
+                Err(e) if e.retryable() && n < self.max_attempts => {
+                    // Full jitter keeps many nodes from retrying in lockstep after an outage.
+                    let wait = backoff.mul_f64(0.5 + rand::random::<f64>() / 2.0);
+                    if call_started.elapsed() + wait >= self.operation_timeout {
+                        return Err(e);
+                    }
+                    tracing::debug!(error = %e, attempt = n, "S3 attempt failed; retrying");
+                    tokio::time::sleep(wait).await;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+                r => return r,
+            }
+        }
     }
 
     pub async fn put(&self, key: &str, body: Bytes) -> Result<(), S3Error> {
-        let started = Instant::now();
-        let r = self
-            .client
-            .put_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .body(ByteStream::from(body))
-            .send()
-            .await;
-        self.record(S3Op::Put, started, r.is_ok());
-        r.map(|_| ()).map_err(|e| request_error(S3Op::Put, key, e))
+        self.attempts(S3Op::Put, || {
+            let body = body.clone();
+            async move {
+                self.client
+                    .put_object()
+                    .bucket(&self.bucket)
+                    .key(key)
+                    .body(ByteStream::from(body))
+                    .send()
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| request_error(S3Op::Put, key, e))
+            }
+        })
+        .await
     }
 
-    /// The object's bytes, `None` if it no longer exists, an error if it is over `limit`.
-    pub async fn get(&self, key: &str, limit: usize) -> Result<Option<Bytes>, S3Error> {
-        let started = Instant::now();
+    /// The object's bytes, `None` if it does not exist (see `Lookup` for 403), an error if it is
+    /// over `limit`.
+    pub async fn get(
+        &self,
+        key: &str,
+        limit: usize,
+        lookup: Lookup,
+    ) -> Result<Option<Bytes>, S3Error> {
+        self.attempts(S3Op::Get, || self.get_once(key, limit, lookup))
+            .await
+    }
+
+    async fn get_once(
+        &self,
+        key: &str,
+        limit: usize,
+        lookup: Lookup,
+    ) -> Result<Option<Bytes>, S3Error> {
         let r = self
             .client
             .get_object()
@@ -216,10 +330,10 @@ impl Store {
         let out = match r {
             Ok(out) => out,
             Err(e) => {
+                let status = e.raw_response().map(|r| r.status().as_u16());
                 let missing = e.as_service_error().is_some_and(|s| s.is_no_such_key())
-                    || e.raw_response()
-                        .is_some_and(|r| absent_status(r.status().as_u16()));
-                self.record(S3Op::Get, started, missing);
+                    || status == Some(404)
+                    || (lookup == Lookup::Probe && status.is_some_and(absent_status));
                 return if missing {
                     Ok(None)
                 } else {
@@ -229,50 +343,73 @@ impl Store {
         };
         let size = out.content_length().unwrap_or(0).max(0) as u64;
         if size > limit as u64 {
-            self.record(S3Op::Get, started, true);
             return Err(S3Error::TooLarge {
                 key: key.to_string(),
                 size,
                 limit,
             });
         }
-        let body = out.body.collect().await;
-        self.record(S3Op::Get, started, body.is_ok());
-        match body {
-            Ok(b) => {
-                let bytes = b.into_bytes();
-                if bytes.len() > limit {
+        let body_error = |message: String| S3Error::Request {
+            op: "get",
+            key: key.to_string(),
+            message,
+            code: None,
+            status: None,
+            retryable: true,
+        };
+        // Read into one buffer of the announced size (no second copy of a large body), and
+        // bound the whole read: a stalled body fails this attempt instead of holding the GET.
+        let mut body = out.body;
+        let read = async {
+            let mut buf = BytesMut::with_capacity(usize::try_from(size).unwrap_or(0).min(limit));
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk.map_err(|e| body_error(format!("reading the body: {e}")))?;
+                if buf.len() + chunk.len() > limit {
                     return Err(S3Error::TooLarge {
                         key: key.to_string(),
-                        size: bytes.len() as u64,
+                        size: (buf.len() + chunk.len()) as u64,
                         limit,
                     });
                 }
-                Ok(Some(bytes))
+                buf.extend_from_slice(&chunk);
             }
-            Err(e) => Err(S3Error::Request {
-                op: "get",
+            Ok(buf.freeze())
+        };
+        let bytes = match tokio::time::timeout(self.body_timeout, read).await {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(body_error(format!(
+                    "reading the body: stalled for {:?}",
+                    self.body_timeout
+                )));
+            }
+        };
+        if bytes.len() > limit {
+            return Err(S3Error::TooLarge {
                 key: key.to_string(),
-                message: format!("reading the body: {e}"),
-                code: None,
-            }),
+                size: bytes.len() as u64,
+                limit,
+            });
         }
+        Ok(Some(bytes))
     }
 
-    /// One page (up to 1000 keys) under `prefix`, after `start_after` if given, sorted by key
-    /// client side (S3 Express One Zone lists unordered).
-    pub async fn list(&self, prefix: &str, start_after: Option<&str>) -> Result<Listing, S3Error> {
-        let started = Instant::now();
-        let r = self
-            .client
-            .list_objects_v2()
-            .bucket(&self.bucket)
-            .prefix(prefix)
-            .set_start_after(start_after.map(String::from))
-            .send()
-            .await;
-        self.record(S3Op::List, started, r.is_ok());
-        let out = r.map_err(|e| request_error(S3Op::List, prefix, e))?;
+    /// One page (up to 1000 keys) under `prefix`, continuing from `continuation` (a token from
+    /// the previous page). Keys are sorted client side: S3 Express One Zone lists unordered, and
+    /// does not support StartAfter.
+    pub async fn list(&self, prefix: &str, continuation: Option<&str>) -> Result<Listing, S3Error> {
+        let out = self
+            .attempts(S3Op::List, || async {
+                self.client
+                    .list_objects_v2()
+                    .bucket(&self.bucket)
+                    .prefix(prefix)
+                    .set_continuation_token(continuation.map(String::from))
+                    .send()
+                    .await
+                    .map_err(|e| request_error(S3Op::List, prefix, e))
+            })
+            .await?;
         let mut objects: Vec<Listed> = out
             .contents()
             .iter()
@@ -284,52 +421,160 @@ impl Store {
             })
             .collect();
         objects.sort_by(|a, b| a.key.cmp(&b.key));
+        let truncated = out.is_truncated().unwrap_or(false);
         Ok(Listing {
             objects,
-            truncated: out.is_truncated().unwrap_or(false),
+            truncated,
+            // A server that says "truncated" without a token cannot be paged further.
+            next: out
+                .next_continuation_token()
+                .filter(|_| truncated)
+                .map(String::from),
         })
+    }
+
+    /// A small object's ETag and bytes (at most `limit`), `None` if it does not exist (403 reads
+    /// as absent, as for a probe): the doorbell.
+    pub async fn get_tagged(
+        &self,
+        key: &str,
+        limit: usize,
+    ) -> Result<Option<(String, Bytes)>, S3Error> {
+        self.attempts(S3Op::Get, || async {
+            let out = match self
+                .client
+                .get_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .send()
+                .await
+            {
+                Ok(out) => out,
+                Err(e) => {
+                    let status = e.raw_response().map(|r| r.status().as_u16());
+                    return if e.as_service_error().is_some_and(|s| s.is_no_such_key())
+                        || status.is_some_and(absent_status)
+                    {
+                        Ok(None)
+                    } else {
+                        Err(request_error(S3Op::Get, key, e))
+                    };
+                }
+            };
+            let etag = out.e_tag().unwrap_or_default().to_string();
+            let body = tokio::time::timeout(self.body_timeout, out.body.collect())
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .map(|b| b.into_bytes())
+                .ok_or_else(|| S3Error::Request {
+                    op: "get",
+                    key: key.to_string(),
+                    message: "reading the body failed or stalled".into(),
+                    code: None,
+                    status: None,
+                    retryable: true,
+                })?;
+            if body.len() > limit {
+                return Err(S3Error::TooLarge {
+                    key: key.to_string(),
+                    size: body.len() as u64,
+                    limit,
+                });
+            }
+            Ok(Some((etag, body)))
+        })
+        .await
     }
 
     /// The object's ETag, or `None` if it does not exist.
     pub async fn head(&self, key: &str) -> Result<Option<String>, S3Error> {
-        let started = Instant::now();
-        let r = self
-            .client
-            .head_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .send()
-            .await;
-        match r {
-            Ok(out) => {
-                self.record(S3Op::Head, started, true);
-                Ok(Some(out.e_tag().unwrap_or_default().to_string()))
-            }
-            Err(e) => {
-                let missing = e.as_service_error().is_some_and(|s| s.is_not_found())
-                    || e.raw_response()
-                        .is_some_and(|r| absent_status(r.status().as_u16()));
-                self.record(S3Op::Head, started, missing);
-                if missing {
-                    Ok(None)
-                } else {
-                    Err(request_error(S3Op::Head, key, e))
+        self.attempts(S3Op::Head, || async {
+            match self
+                .client
+                .head_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .send()
+                .await
+            {
+                Ok(out) => Ok(Some(out.e_tag().unwrap_or_default().to_string())),
+                Err(e) => {
+                    let missing = e.as_service_error().is_some_and(|s| s.is_not_found())
+                        || e.raw_response()
+                            .is_some_and(|r| absent_status(r.status().as_u16()));
+                    if missing {
+                        Ok(None)
+                    } else {
+                        Err(request_error(S3Op::Head, key, e))
+                    }
                 }
             }
-        }
+        })
+        .await
     }
 
     pub async fn delete(&self, key: &str) -> Result<(), S3Error> {
-        let started = Instant::now();
-        let r = self
-            .client
-            .delete_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .send()
-            .await;
-        self.record(S3Op::Delete, started, r.is_ok());
-        r.map(|_| ())
-            .map_err(|e| request_error(S3Op::Delete, key, e))
+        self.attempts(S3Op::Delete, || async {
+            self.client
+                .delete_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| request_error(S3Op::Delete, key, e))
+        })
+        .await
+    }
+
+    /// Deletes up to `MAX_DELETE_BATCH` keys with one DeleteObjects request; returns the keys
+    /// the server reported as not deleted (quiet mode lists only failures).
+    pub async fn delete_many(&self, keys: &[String]) -> Result<Vec<String>, S3Error> {
+        let first = keys.first().map(String::as_str).unwrap_or_default();
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let invalid = |message: String| S3Error::Request {
+            op: S3Op::DeleteObjects.as_str(),
+            key: first.to_string(),
+            message,
+            code: None,
+            status: None,
+            retryable: false,
+        };
+        let ids = keys
+            .iter()
+            .take(MAX_DELETE_BATCH)
+            .map(|k| ObjectIdentifier::builder().key(k).build())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| invalid(e.to_string()))?;
+        let delete = Delete::builder()
+            .set_objects(Some(ids))
+            .quiet(true)
+            .build()
+            .map_err(|e| invalid(e.to_string()))?;
+        let out = self
+            .attempts(S3Op::DeleteObjects, || {
+                let delete = delete.clone();
+                async move {
+                    self.client
+                        .delete_objects()
+                        .bucket(&self.bucket)
+                        .delete(delete)
+                        .send()
+                        .await
+                        .map_err(|e| request_error(S3Op::DeleteObjects, first, e))
+                }
+            })
+            .await?;
+        Ok(out
+            .errors()
+            .iter()
+            .filter_map(|e| e.key().map(String::from))
+            .collect())
     }
 }
+
+/// DeleteObjects takes at most this many keys.
+pub const MAX_DELETE_BATCH: usize = 1000;

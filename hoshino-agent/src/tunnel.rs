@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 
 use crate::bundle::{MAX_BUNDLE_BYTES, NetworkKey};
 use crate::bundler::{Bundler, BundlerConfig};
+use crate::cursor::CursorFile;
 use crate::egress::Egress;
 use crate::heartbeat::HeartbeatConfig;
 use crate::ingress::Ingress;
@@ -43,6 +44,9 @@ pub struct TunnelConfig {
     pub network_key_file: Option<PathBuf>,
     pub heartbeat: HeartbeatConfig,
     pub bundler: BundlerConfig,
+    /// Where the delivery cursor lives.
+    pub state_dir: PathBuf,
+    pub ingress_budget_bytes: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +63,8 @@ pub enum TunnelError {
     Netlink(#[from] NetlinkError),
     #[error(transparent)]
     MetricsHttp(#[from] crate::metrics_http::MetricsHttpError),
+    #[error(transparent)]
+    Cursor(#[from] crate::cursor::CursorError),
 }
 
 impl TunnelError {
@@ -99,6 +105,13 @@ impl TunnelConfig {
             return Err(TunnelError::Config(format!(
                 "--bundle-max-age must be at most {:?}",
                 crate::heartbeat::MAX_INTERVAL
+            )));
+        }
+        if self.ingress_budget_bytes < crate::ingress::MIN_BUDGET_BYTES {
+            return Err(TunnelError::Config(format!(
+                "--ingress-budget-bytes {} must be at least {} (one bundle of the largest size)",
+                self.ingress_budget_bytes,
+                crate::ingress::MIN_BUDGET_BYTES
             )));
         }
         if b.puts_in_flight == 0 {
@@ -165,6 +178,10 @@ impl Tunnel {
         config.validate()?;
         let addr = config.node_addr()?;
         let key = config.network_key()?;
+        // Before anything touches the kernel: an unreadable cursor is reported, not ignored
+        // (ignoring it could deliver bundles twice).
+        let cursor_file = CursorFile::new(&config.state_dir, addr.id);
+        let cursor = cursor_file.load()?;
         let metrics = Arc::new(Metrics::default());
         let (metrics_task, metrics_addr) = match config.metrics_listen {
             Some(listen) => {
@@ -193,7 +210,7 @@ impl Tunnel {
         }
         tracing::info!(tun = %link.link, address = %addr, mtu = config.mtu, "TUN configured");
         let client = crate::s3::client(&config.s3).await;
-        let store = Store::new(client, config.s3.bucket.clone(), metrics.clone());
+        let store = Store::with_settings(client, &config.s3, metrics.clone());
         let session = rand_session();
         let (shutdown, rx) = watch::channel(false);
         let sent = Arc::new(tokio::sync::Notify::new());
@@ -213,6 +230,9 @@ impl Tunnel {
             key,
             heartbeat: config.heartbeat,
             sent,
+            cursor,
+            cursor_file,
+            budget_bytes: config.ingress_budget_bytes,
         };
         let tasks = vec![
             tokio::spawn(egress.run(rx.clone())),

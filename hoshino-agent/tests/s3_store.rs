@@ -8,7 +8,7 @@ use std::time::Duration;
 use aws_sdk_s3::config::{Credentials, Region};
 use bytes::Bytes;
 use hoshino_agent::metrics::{Metrics, S3Op};
-use hoshino_agent::s3::{S3Error, S3Settings, Store, configure};
+use hoshino_agent::s3::{Lookup, S3Error, S3Settings, Store, configure};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder as ConnBuilder;
@@ -128,9 +128,9 @@ async fn server() -> Server {
         &settings,
     );
     let metrics = Arc::new(Metrics::default());
-    let store = Store::new(
+    let store = Store::with_settings(
         aws_sdk_s3::Client::from_conf(conf.build()),
-        BUCKET,
+        &settings,
         metrics.clone(),
     );
     Server {
@@ -158,12 +158,20 @@ async fn put_list_get_head_delete_round_trip() {
     assert_eq!(keys, ["v1/inbox/b/01.a", "v1/inbox/b/02.a"]);
     assert_eq!(listing.objects[0].size, 3);
     assert_eq!(
-        st.get("v1/inbox/b/01.a", 1024).await.unwrap().as_deref(),
+        st.get("v1/inbox/b/01.a", 1024, Lookup::Known)
+            .await
+            .unwrap()
+            .as_deref(),
         Some(&b"one"[..])
     );
     assert!(st.head("v1/inbox/b/01.a").await.unwrap().is_some());
     st.delete("v1/inbox/b/01.a").await.unwrap();
-    assert_eq!(st.get("v1/inbox/b/01.a", 1024).await.unwrap(), None);
+    assert_eq!(
+        st.get("v1/inbox/b/01.a", 1024, Lookup::Known)
+            .await
+            .unwrap(),
+        None
+    );
     assert_eq!(st.head("v1/inbox/b/01.a").await.unwrap(), None);
     assert_eq!(s.metrics.s3_requests(S3Op::Put), 2);
     assert_eq!(s.metrics.s3_requests(S3Op::Delete), 1);
@@ -207,8 +215,14 @@ async fn slow_down_is_retried_with_backoff() {
     );
     assert_eq!(
         s.metrics.s3_requests(S3Op::Put),
-        1,
-        "one call, retried inside"
+        3,
+        "every attempt is counted, as AWS bills them"
+    );
+    assert!(
+        s.metrics
+            .render()
+            .contains("hoshino_s3_errors_total{op=\"put\"} 2"),
+        "the two failed attempts are errors"
     );
 }
 
@@ -216,14 +230,72 @@ async fn slow_down_is_retried_with_backoff() {
 async fn persistent_failure_is_an_error_after_max_attempts() {
     let s = server().await;
     s.fail_next.store(100, Ordering::SeqCst);
+    let started = std::time::Instant::now();
     let err = s.store.list("v1/inbox/b/", None).await.unwrap_err();
     assert_eq!(err.code(), Some("SlowDown"), "{err}");
-    assert_eq!(100 - s.fail_next.load(Ordering::SeqCst), 5, "5 attempts");
+    let attempts = 100 - s.fail_next.load(Ordering::SeqCst);
+    assert_eq!(attempts, 12, "the default 12 attempts");
+    assert!(
+        started.elapsed() >= Duration::from_secs(3),
+        "backoff rides out an outage of seconds before giving up: {:?}",
+        started.elapsed()
+    );
     assert!(
         s.metrics
             .render()
-            .contains("hoshino_s3_errors_total{op=\"list\"} 1")
+            .contains("hoshino_s3_errors_total{op=\"list\"} 12")
     );
+}
+
+#[tokio::test]
+async fn an_outage_of_a_few_seconds_is_ridden_out() {
+    let s = server().await;
+    // ~8 failed attempts span about 2.5 s of backoff.
+    s.fail_next.store(8, Ordering::SeqCst);
+    s.store
+        .put("v2/inbox/b/x.a", Bytes::from_static(b"x"))
+        .await
+        .unwrap();
+    assert_eq!(s.metrics.s3_requests(S3Op::Put), 9);
+}
+
+#[tokio::test]
+async fn access_denied_on_a_listed_key_is_an_error_not_absence() {
+    let s = server().await;
+    s.store
+        .put("v2/inbox/b/k.a", Bytes::from_static(b"x"))
+        .await
+        .unwrap();
+    s.forbid_next.store(1, Ordering::SeqCst);
+    let got = s.store.get("v2/inbox/b/k.a", 1024, Lookup::Known).await;
+    assert!(
+        matches!(&got, Err(e) if e.status() == Some(403)),
+        "GET of a known key under 403: {got:?}"
+    );
+    assert!(
+        s.metrics
+            .render()
+            .contains("hoshino_s3_errors_total{op=\"get\"} 1"),
+        "{}",
+        s.metrics.render()
+    );
+    // Not retried (a 403 does not heal in milliseconds); the caller tries again later.
+    let again = s.store.get("v2/inbox/b/k.a", 1024, Lookup::Known).await;
+    assert_eq!(again.unwrap().as_deref(), Some(&b"x"[..]));
+}
+
+#[tokio::test]
+async fn delete_objects_removes_a_batch_in_one_request() {
+    let s = server().await;
+    let keys: Vec<String> = (0..25).map(|i| format!("v2/inbox/b/{i:02}.a")).collect();
+    for k in &keys {
+        s.store.put(k, Bytes::from_static(b"x")).await.unwrap();
+    }
+    let failed = s.store.delete_many(&keys).await.unwrap();
+    assert!(failed.is_empty(), "{failed:?}");
+    assert_eq!(s.metrics.s3_requests(S3Op::DeleteObjects), 1);
+    let left = s.store.list("v2/inbox/b/", None).await.unwrap();
+    assert!(left.objects.is_empty(), "{:?}", left.objects);
 }
 
 #[tokio::test]
@@ -233,24 +305,43 @@ async fn oversized_object_is_refused_without_reading_it() {
         .put("v1/inbox/b/big.a", Bytes::from(vec![0u8; 4096]))
         .await
         .unwrap();
-    let err = s.store.get("v1/inbox/b/big.a", 1024).await.unwrap_err();
+    let err = s
+        .store
+        .get("v1/inbox/b/big.a", 1024, Lookup::Known)
+        .await
+        .unwrap_err();
     assert!(matches!(err, S3Error::TooLarge { size: 4096, .. }), "{err}");
 }
 
 #[tokio::test]
-async fn listing_resumes_after_a_key() {
+async fn listing_pages_follow_continuation_tokens() {
     let s = server().await;
-    for k in ["v1/inbox/b/1.a", "v1/inbox/b/2.a", "v1/inbox/b/3.a"] {
-        s.store.put(k, Bytes::from_static(b"x")).await.unwrap();
+    let keys: Vec<String> = (0..1005).map(|i| format!("v2/inbox/b/{i:04}.a")).collect();
+    use futures::StreamExt;
+    let results: Vec<_> = futures::stream::iter(
+        keys.iter()
+            .map(|k| s.store.put(k, Bytes::from_static(b"x"))),
+    )
+    .buffer_unordered(32)
+    .collect()
+    .await;
+    for r in results {
+        r.unwrap();
     }
-    let listing = s
-        .store
-        .list("v1/inbox/b/", Some("v1/inbox/b/2.a"))
-        .await
-        .unwrap();
-    let keys: Vec<&str> = listing.objects.iter().map(|o| o.key.as_str()).collect();
-    assert_eq!(keys, ["v1/inbox/b/3.a"]);
-    assert!(!listing.truncated);
+    let first = s.store.list("v2/inbox/b/", None).await.unwrap();
+    assert!(first.truncated);
+    let token = first.next.clone().expect("a continuation token");
+    let second = s.store.list("v2/inbox/b/", Some(&token)).await.unwrap();
+    assert!(!second.truncated);
+    assert_eq!(second.next, None);
+    let mut all: Vec<String> = first
+        .objects
+        .iter()
+        .chain(&second.objects)
+        .map(|o| o.key.clone())
+        .collect();
+    all.sort();
+    assert_eq!(all, keys);
 }
 
 /// Under the least-privilege node policy AWS answers 403 for a missing key (no unconditional
@@ -263,7 +354,10 @@ async fn access_denied_on_own_missing_key_reads_as_absent() {
     let bell = s.store.head("v1/bell/0123456789abcdef").await;
     assert!(matches!(bell, Ok(None)), "HEAD under 403: {bell:?}");
     s.forbid_next.store(1, Ordering::SeqCst);
-    let got = s.store.get("v1/inbox/0123456789abcdef/x", 1 << 20).await;
+    let got = s
+        .store
+        .get("v1/inbox/0123456789abcdef/x", 1 << 20, Lookup::Probe)
+        .await;
     assert!(matches!(got, Ok(None)), "GET under 403: {got:?}");
     assert_eq!(
         s.forbid_next.load(Ordering::SeqCst),

@@ -83,6 +83,9 @@ impl Agent {
             .arg("--path-style")
             .arg("--machine-id-file")
             .arg(&node.machine_id_file)
+            // Per node and per test, and kept across a restart of the same node's agent.
+            .arg("--state-dir")
+            .arg(log_dir.join(format!("state-n{}", node.index)))
             .args(["--metrics-listen", METRICS_LISTEN])
             .args(["--log-format", "text"])
             .args(extra)
@@ -165,6 +168,19 @@ impl Agent {
     /// The last lines of the log, for assertion messages.
     pub fn log_tail(&self, lines: usize) -> String {
         tail(&self.log, lines)
+    }
+
+    /// SIGKILL by pid (no cleanup at all), then the exit status.
+    pub fn kill(&mut self, timeout: Duration) -> Result<ExitStatus, AgentError> {
+        Ok(self.process.kill(timeout)?)
+    }
+
+    /// The peak resident set size so far (VmHWM), in bytes.
+    pub fn peak_rss_bytes(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
     }
 
     /// SIGTERM by pid, then the exit status.

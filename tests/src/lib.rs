@@ -23,3 +23,4 @@ pub mod scratch;
 pub mod signals;
 pub mod topology;
 pub mod tunnel_net;
+pub mod udp_probe;

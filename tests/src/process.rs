@@ -50,6 +50,19 @@ impl Spawned {
 
     /// Sends SIGTERM and waits up to `timeout` for the exit status.
     pub fn terminate(&mut self, timeout: Duration) -> Result<ExitStatus, ProcessError> {
+        self.signal_and_wait(libc::SIGTERM, timeout)
+    }
+
+    /// Sends SIGKILL and waits up to `timeout` for the exit status.
+    pub fn kill(&mut self, timeout: Duration) -> Result<ExitStatus, ProcessError> {
+        self.signal_and_wait(libc::SIGKILL, timeout)
+    }
+
+    fn signal_and_wait(
+        &mut self,
+        sig: libc::c_int,
+        timeout: Duration,
+    ) -> Result<ExitStatus, ProcessError> {
         let pid = self.pid();
         let Some(child) = self.child.as_mut() else {
             return Err(ProcessError::NoExit {
@@ -58,7 +71,7 @@ impl Spawned {
                 timeout,
             });
         };
-        signal(pid, libc::SIGTERM);
+        signal(pid, sig);
         let deadline = Instant::now() + timeout;
         loop {
             match child.try_wait() {

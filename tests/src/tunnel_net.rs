@@ -95,6 +95,25 @@ impl TunnelNet {
         Ok(net)
     }
 
+    /// Starts node `index`'s agent again (after it was stopped or killed), with the same
+    /// state directory, and waits until it is ready.
+    pub fn restart_agent(&mut self, index: u8, extra: &[&str]) -> Result<(), TunnelNetError> {
+        let node = self.bed.node(index).ok_or(TunnelNetError::NoNode(index))?;
+        let agent = Agent::start_ready(
+            node,
+            &self.backend.endpoint,
+            self.bed.scratch.path(),
+            extra,
+            AGENT_READY_TIMEOUT,
+        )?;
+        let slot = self
+            .agents
+            .get_mut(usize::from(index).wrapping_sub(1))
+            .ok_or(TunnelNetError::NoNode(index))?;
+        *slot = agent;
+        Ok(())
+    }
+
     pub fn node(&self, index: u8) -> Result<&Node, TunnelNetError> {
         self.bed.node(index).ok_or(TunnelNetError::NoNode(index))
     }

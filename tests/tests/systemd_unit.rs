@@ -173,6 +173,8 @@ fn unit_runs_the_tunnel_unprivileged_with_only_net_admin_after_the_network_is_on
         ("DevicePolicy", "closed"),
         ("DeviceAllow", "/dev/net/tun rw"),
         ("EnvironmentFile", "-/etc/hoshino/agent.env"),
+        // The default --state-dir, writable despite ProtectSystem=strict.
+        ("StateDirectory", "hoshino"),
     ] {
         assert_eq!(one(&d, "Service", key), want, "[Service] {key}=");
     }

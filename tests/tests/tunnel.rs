@@ -4,9 +4,8 @@
 //!
 //! Timeouts are generous limits for a loaded 2-core machine, never measurements.
 
-use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, Ipv6Addr, SocketAddrV6};
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use hoshino_tests::binaries;
@@ -17,6 +16,7 @@ use hoshino_tests::ping::ping;
 use hoshino_tests::process::Spawned;
 use hoshino_tests::s3_backend::{BackendKind, BackendOptions};
 use hoshino_tests::tunnel_net::{NetOptions, TunnelNet};
+use hoshino_tests::udp_probe::{read_seqs, spawn_listening};
 use sha2::{Digest, Sha256};
 
 const PING_DEADLINE: Duration = Duration::from_secs(90);
@@ -62,38 +62,6 @@ fn assert_every_reply(net: &TunnelNet, from: u8, to: u8, count: u32) {
         report.raw,
         diagnostics(net)
     );
-}
-
-/// Spawns a receiver that prints `listening` once bound, and waits for that line.
-fn spawn_listening(
-    mut cmd: std::process::Command,
-    name: &str,
-) -> (Spawned, BufReader<std::process::ChildStdout>) {
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit());
-    let mut child: Child = cmd.spawn().expect("spawn receiver");
-    let stdout = child.stdout.take().expect("stdout piped");
-    let mut reader = BufReader::new(stdout);
-    let mut first = String::new();
-    reader.read_line(&mut first).expect("read receiver output");
-    assert_eq!(first.trim(), "listening", "{name} did not start");
-    (Spawned::new(name, child), reader)
-}
-
-/// Reads `seq N` lines until `done`.
-fn read_seqs(reader: &mut BufReader<std::process::ChildStdout>) -> Vec<u64> {
-    let mut seqs = Vec::new();
-    for line in reader.lines() {
-        let line = line.expect("receiver output");
-        if line.starts_with("done") {
-            break;
-        }
-        if let Some(n) = line.strip_prefix("seq ").and_then(|n| n.parse().ok()) {
-            seqs.push(n);
-        }
-    }
-    seqs
 }
 
 fn ping_between_derived_node_addresses_gets_every_reply(kind: BackendKind) {
@@ -314,36 +282,55 @@ fn forged_and_malformed_objects_are_rejected_deleted_and_the_tunnel_survives(kin
         .get(..whole.len() - 10)
         .expect("bundle longer than 10")
         .to_vec();
-    let objects: Vec<(&str, Vec<u8>)> = vec![
-        ("garbage", garbage),
-        ("truncated", truncated),
-        ("oversized", vec![0u8; MAX_BUNDLE_BYTES + 1]),
+    let mut replayed = bundle(a_id, b_id, 0xffff, datagram(a.tunnel_addr, 905));
+    // Header seq 7, put under the key of seq 0: key and header must agree.
+    if let Some(seq) = replayed.get_mut(32..40) {
+        seq.copy_from_slice(&7u64.to_be_bytes());
+    }
+    // Keys `v2/inbox/<b>/<session>-<seq>.<a>`: the session orders them; the valid control
+    // (session 0xeeee) sorts after every forged object but the replayed one.
+    let objects: Vec<(u64, &str, Vec<u8>)> = vec![
+        (0x1, "garbage", garbage),
+        (0x2, "truncated", truncated),
+        (0x3, "oversized", vec![0u8; MAX_BUNDLE_BYTES + 1]),
         (
+            0xbbbb,
             "header sender differs from key sender",
             bundle(stranger_id, b_id, 0xbbbb, datagram(a.tunnel_addr, 902)),
         ),
         (
+            0xcccc,
             "destined to another node",
             bundle(a_id, stranger_id, 0xcccc, datagram(a.tunnel_addr, 903)),
         ),
         (
+            0xdddd,
             "packet source spoofed",
             bundle(a_id, b_id, 0xdddd, datagram(stranger_addr, 904)),
         ),
-        // Last in key order: proves the agent carried on past everything above.
         (
+            0xeeee,
             "valid control",
             bundle(a_id, b_id, 0xeeee, datagram(a.tunnel_addr, 1)),
         ),
+        (0xffff, "header seq differs from key seq", replayed),
     ];
-    let inbox = format!("v1/inbox/{}/", b.node_id);
-    let mut ulids = ulid::Generator::new();
-    for (what, body) in &objects {
-        let ulid = ulids.generate().expect("ulid");
-        let key = format!("{inbox}{ulid}.{}", a.node_id);
+    let inbox = format!("v2/inbox/{}/", b.node_id);
+    for (session, what, body) in &objects {
+        let key = format!("{inbox}{session:016x}-{:016x}.{}", 0, a.node_id);
         if let Err(e) = net.put_object(1, &key, body) {
             panic!("putting {what} object: {e}");
         }
+    }
+    // Keys the strict parser refuses (IAM's `*` also matches `/`, so node A can write these).
+    for bad in [
+        format!("{inbox}junk.{}", a.node_id),
+        format!("{inbox}00000000000000aa-0000000000000000.{}/x", a.node_id),
+        format!("{inbox}x/00000000000000aa-0000000000000000.{}", a.node_id),
+    ] {
+        let body = bundle(a_id, b_id, 0xabab, datagram(a.tunnel_addr, 906));
+        net.put_object(1, &bad, &body)
+            .unwrap_or_else(|e| panic!("putting {bad}: {e}"));
     }
 
     let seqs = read_seqs(&mut reader);
@@ -370,8 +357,8 @@ fn forged_and_malformed_objects_are_rejected_deleted_and_the_tunnel_survives(kin
     let metrics = net.agent(2).expect("agent 2").metrics().expect("metrics");
     let rejected = metrics.sum("hoshino_bundles_rejected_total");
     assert!(
-        rejected >= 5.0,
-        "expected garbage, truncated, oversized, sender and destination mismatches counted; got {rejected}\n{}",
+        rejected >= 9.0,
+        "expected garbage, truncated, oversized, sender, destination and seq mismatches and 3 bad keys counted; got {rejected}\n{}",
         diagnostics(&net)
     );
     let mut net = net;

@@ -38,6 +38,14 @@ fn start_as_nobody(net: &TunnelNet, node: &Node, caps: &[&str], log: &Path) -> S
     let err = out
         .try_clone()
         .unwrap_or_else(|e| panic!("{}: {e}", log.display()));
+    // The delivery cursor must be writable by the unprivileged user.
+    let state = log.with_extension("state");
+    std::fs::create_dir_all(&state).unwrap_or_else(|e| panic!("{}: {e}", state.display()));
+    std::fs::set_permissions(
+        &state,
+        <std::fs::Permissions as std::os::unix::fs::PermissionsExt>::from_mode(0o777),
+    )
+    .unwrap_or_else(|e| panic!("{}: {e}", state.display()));
     let mut cmd = node.ns.command("sh");
     cmd.args(["-c", WITH_STANDARD_TUN_NODE, "sh", "setpriv"]);
     cmd.args([
@@ -57,6 +65,8 @@ fn start_as_nobody(net: &TunnelNet, node: &Node, caps: &[&str], log: &Path) -> S
     .arg("--path-style")
     .arg("--machine-id-file")
     .arg(&node.machine_id_file)
+    .arg("--state-dir")
+    .arg(&state)
     .args(["--log-format", "text"])
     .env("NO_COLOR", "1")
     .env("RUST_LOG", "info")

@@ -30,6 +30,9 @@ enum Probe {
         /// Payload bytes per datagram (at least 8).
         #[arg(long, default_value_t = 512)]
         size: usize,
+        /// Sequence number of the first datagram.
+        #[arg(long, default_value_t = 0)]
+        first: u64,
     },
     UdpRecv {
         #[arg(long)]
@@ -68,7 +71,12 @@ enum Probe {
 
 fn main() -> ExitCode {
     let result = match Args::parse().command {
-        Probe::UdpSend { to, count, size } => udp_send(to, count, size),
+        Probe::UdpSend {
+            to,
+            count,
+            size,
+            first,
+        } => udp_send(to, first, count, size),
         Probe::UdpRecv {
             listen,
             expect,
@@ -93,13 +101,13 @@ fn main() -> ExitCode {
     }
 }
 
-fn udp_send(to: SocketAddr, count: u64, size: usize) -> std::io::Result<()> {
+fn udp_send(to: SocketAddr, first: u64, count: u64, size: usize) -> std::io::Result<()> {
     let bind: SocketAddr = if to.is_ipv6() { "[::]:0" } else { "0.0.0.0:0" }
         .parse()
         .map_err(std::io::Error::other)?;
     let socket = UdpSocket::bind(bind)?;
     let mut payload = vec![0x5a_u8; size.max(8)];
-    for seq in 0..count {
+    for seq in first..first.saturating_add(count) {
         if let Some(head) = payload.get_mut(..8) {
             head.copy_from_slice(&seq.to_be_bytes());
         }

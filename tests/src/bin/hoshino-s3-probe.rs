@@ -31,6 +31,18 @@ enum Op {
         #[arg(long)]
         file: PathBuf,
     },
+    /// PUT a file's bytes under `<prefix><i:06>` for i in 0..count, `concurrency` at a time
+    /// (a fast bulk uploader for backlog tests).
+    PutMany {
+        #[arg(long)]
+        prefix: String,
+        #[arg(long)]
+        count: usize,
+        #[arg(long)]
+        file: PathBuf,
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+    },
     /// Print every key under a prefix, one per line.
     List {
         #[arg(long, default_value = "")]
@@ -109,6 +121,12 @@ async fn main() -> ExitCode {
     let client = Client::from_conf(s3);
     let result = match args.command {
         Op::Put { key, file } => put_file(&client, &args.bucket, &key, file).await,
+        Op::PutMany {
+            prefix,
+            count,
+            file,
+            concurrency,
+        } => put_many(&client, &args.bucket, &prefix, count, file, concurrency).await,
         Op::List { prefix } => list(&client, &args.bucket, &prefix).await,
         Op::Floor { samples, size } => floor(&client, &args.bucket, samples, size).await,
         Op::Throughput {
@@ -152,6 +170,34 @@ async fn put_file(
 ) -> Result<(), ProbeError> {
     let body = std::fs::read(&file).map_err(|source| ProbeError::Read { path: file, source })?;
     put(client, bucket, key, body).await
+}
+
+async fn put_many(
+    client: &Client,
+    bucket: &str,
+    prefix: &str,
+    count: usize,
+    file: PathBuf,
+    concurrency: usize,
+) -> Result<(), ProbeError> {
+    let body = std::fs::read(&file).map_err(|source| ProbeError::Read { path: file, source })?;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..count {
+        while tasks.len() >= concurrency.max(1) {
+            if let Some(Ok(Err(e))) = tasks.join_next().await {
+                return Err(e);
+            }
+        }
+        let (client, bucket, body) = (client.clone(), bucket.to_owned(), body.clone());
+        let key = format!("{prefix}{i:06}");
+        tasks.spawn(async move { put(&client, &bucket, &key, body).await });
+    }
+    while let Some(r) = tasks.join_next().await {
+        if let Ok(Err(e)) = r {
+            return Err(e);
+        }
+    }
+    Ok(())
 }
 
 async fn put(client: &Client, bucket: &str, key: &str, body: Vec<u8>) -> Result<(), ProbeError> {
