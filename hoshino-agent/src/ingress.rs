@@ -686,13 +686,15 @@ impl Ingress {
         }
         st.seen.insert(key.clone(), now);
         st.reorder.resume(stream, st.cursor.next(stream), now);
+        // With a network key the packets live in the decrypted plaintext, not in the object.
+        let (body, packets) = b.into_parts(body);
         let len = body.len();
         let item = Received {
             key: key.clone(),
             stream,
             seq: parsed.seq,
             body,
-            packets: b.packets,
+            packets,
         };
         match st.reorder.offer(stream, parsed.seq, item, now, out) {
             Offer::Duplicate => self.forget(st, key),
