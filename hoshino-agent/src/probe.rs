@@ -1,7 +1,7 @@
 //! When a stream's next key may be probed again after a miss. Sans-IO (time is passed in).
 //!
 //! A probe that misses is a request too. Without a bound, a hot stream probed on every 5 ms tick
-//! would pay hundreds of misses per second whenever the sender pauses, and its requests per GiB
+//! would pay up to 200 misses per second whenever the sender pauses, and its requests per GiB
 //! would be dominated by misses. So consecutive misses of a stream space its probes out, doubling
 //! from `MIN_GAP` to `MAX_GAP`; a hit, a doorbell naming the stream, or a PUT of ours (a reply
 //! is likely) makes it eager again.
@@ -13,8 +13,10 @@ use crate::reorder::StreamId;
 
 /// Gap after the first miss.
 pub const MIN_GAP: Duration = Duration::from_millis(5);
-/// Largest gap between probes of a stream that keeps missing (while the receiver is active).
-pub const MAX_GAP: Duration = Duration::from_millis(100);
+/// Largest gap between probes of a stream that keeps missing (while the receiver is active):
+/// at most 50 misses per second per stream, and at most 20 ms (10 on average) added to the
+/// latency of a packet that ends a pause.
+pub const MAX_GAP: Duration = Duration::from_millis(20);
 
 #[derive(Clone, Copy, Debug)]
 struct Backoff {
@@ -100,7 +102,7 @@ mod tests {
             gaps.push((next - now).as_millis());
             now = next;
         }
-        assert_eq!(gaps, [5, 10, 20, 40, 80, 100, 100, 100]);
+        assert_eq!(gaps, [5, 10, 20, 20, 20, 20, 20, 20]);
         assert!(p.may_probe(OTHER, t), "streams are independent");
     }
 

@@ -17,6 +17,12 @@ pub struct BundleHeader {
     pub seq: u64,
 }
 
+/// The key of bundle `seq` of `sender`'s stream `session` in `dest`'s inbox (DESIGN.md "Mailbox
+/// keys", layout v2): `v2/inbox/<dest>/<session>-<seq>.<sender>`, fixed-width lowercase hex.
+pub fn bundle_key(dest: u64, session: u64, seq: u64, sender: u64) -> String {
+    format!("v2/inbox/{dest:016x}/{session:016x}-{seq:016x}.{sender:016x}")
+}
+
 /// An unauthenticated v1 bundle holding `packets`.
 pub fn encode_bundle(header: &BundleHeader, packets: &[Vec<u8>]) -> Vec<u8> {
     let mut out =
@@ -115,6 +121,14 @@ mod tests {
         assert_eq!(&b[40..44], &[0, 0, 0, 1]);
         assert_eq!(&b[48..52], &[0, 0, 0, 3]);
         assert_eq!(b.len(), HEADER_LEN + 4 + 3);
+    }
+
+    #[test]
+    fn bundle_keys_are_fixed_width_lowercase_hex() {
+        assert_eq!(
+            bundle_key(0xab, 0xcd, 1, 0xef),
+            "v2/inbox/00000000000000ab/00000000000000cd-0000000000000001.00000000000000ef"
+        );
     }
 
     #[test]

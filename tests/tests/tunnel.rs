@@ -317,7 +317,7 @@ fn forged_and_malformed_objects_are_rejected_deleted_and_the_tunnel_survives(kin
     ];
     let inbox = format!("v2/inbox/{}/", b.node_id);
     for (session, what, body) in &objects {
-        let key = format!("{inbox}{session:016x}-{:016x}.{}", 0, a.node_id);
+        let key = bundle_forge::bundle_key(b_id, *session, 0, a_id);
         if let Err(e) = net.put_object(1, &key, body) {
             panic!("putting {what} object: {e}");
         }

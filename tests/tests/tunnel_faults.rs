@@ -252,7 +252,7 @@ fn backlog_of_large_bundles_stays_within_the_byte_budget() {
             },
             &packets,
         );
-        let key = format!("{inbox}{session:016x}-{seq:016x}.{a_node}");
+        let key = bundle_forge::bundle_key(b_id, session, seq, a_id);
         net.put_object(1, &key, &body)
             .unwrap_or_else(|e| panic!("putting bundle {seq}: {e}"));
     }
