@@ -43,27 +43,36 @@ impl Default for HeartbeatConfig {
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum HeartbeatError {
-    #[error("heartbeat min {min:?} must be > 0 and <= max {max:?}")]
+    #[error(
+        "--heartbeat-min {min:?} must be at least {MIN_HEARTBEAT:?} and at most --heartbeat-max {max:?}"
+    )]
     MinMax { min: Duration, max: Duration },
-    #[error("idle poll interval must be > 0")]
-    IdlePoll,
+    #[error("--idle-poll {0:?} must be at least {MIN_IDLE_POLL:?}")]
+    IdlePoll(Duration),
     #[error("heartbeat intervals must be at most {MAX_INTERVAL:?}")]
     TooLong,
 }
 
 /// Upper bound for every configured interval, so `Instant` arithmetic cannot overflow.
 pub const MAX_INTERVAL: Duration = Duration::from_secs(3600);
+/// Floor of `--heartbeat-min`: below it a typo (`1us`) would turn the active tick into a
+/// request storm (every tick may probe every stream) without making delivery any faster, since one
+/// S3 round trip takes longer than a millisecond.
+pub const MIN_HEARTBEAT: Duration = Duration::from_millis(1);
+/// Floor of `--idle-poll`: the idle cost is one bell read per interval ($0.035 per node-day at
+/// 1 s); 100 ms already costs ten times that.
+pub const MIN_IDLE_POLL: Duration = Duration::from_millis(100);
 
 impl HeartbeatConfig {
     pub fn validate(&self) -> Result<(), HeartbeatError> {
-        if self.min.is_zero() || self.min > self.max {
+        if self.min < MIN_HEARTBEAT || self.min > self.max {
             return Err(HeartbeatError::MinMax {
                 min: self.min,
                 max: self.max,
             });
         }
-        if self.idle_poll.is_zero() {
-            return Err(HeartbeatError::IdlePoll);
+        if self.idle_poll < MIN_IDLE_POLL {
+            return Err(HeartbeatError::IdlePoll(self.idle_poll));
         }
         if [self.max, self.linger, self.idle_poll, self.idle_after]
             .iter()
@@ -341,5 +350,31 @@ mod tests {
             ..HeartbeatConfig::default()
         };
         assert_eq!(huge.validate(), Err(HeartbeatError::TooLong));
+    }
+
+    #[test]
+    fn intervals_below_their_floor_are_refused() {
+        let storm = HeartbeatConfig {
+            min: Duration::from_micros(1),
+            ..HeartbeatConfig::default()
+        };
+        assert!(matches!(
+            storm.validate(),
+            Err(HeartbeatError::MinMax { .. })
+        ));
+        let at_floor = HeartbeatConfig {
+            min: MIN_HEARTBEAT,
+            idle_poll: MIN_IDLE_POLL,
+            ..HeartbeatConfig::default()
+        };
+        assert_eq!(at_floor.validate(), Ok(()));
+        let idle_storm = HeartbeatConfig {
+            idle_poll: Duration::from_micros(1),
+            ..HeartbeatConfig::default()
+        };
+        assert_eq!(
+            idle_storm.validate(),
+            Err(HeartbeatError::IdlePoll(Duration::from_micros(1)))
+        );
     }
 }

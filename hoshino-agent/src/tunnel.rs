@@ -77,6 +77,14 @@ impl TunnelError {
     }
 }
 
+/// Floor of `--s3-attempt-timeout`: an attempt cut shorter than an S3 round trip with its tail
+/// fails every time and turns into a retry storm.
+pub const MIN_S3_ATTEMPT_TIMEOUT: Duration = Duration::from_millis(100);
+/// Ceiling of `--s3-max-attempts` (each attempt is billed).
+pub const MAX_S3_ATTEMPTS: u32 = 100;
+/// Floor of `--bundle-max-age`: below it every packet would leave in a PUT of its own.
+pub const MIN_BUNDLE_MAX_AGE: Duration = Duration::from_millis(1);
+
 impl TunnelConfig {
     pub fn validate(&self) -> Result<(), TunnelError> {
         if !(MIN_MTU..=65_535).contains(&self.mtu) {
@@ -99,6 +107,35 @@ impl TunnelConfig {
             return Err(TunnelError::Config(format!(
                 "--bundle-max-bytes {} must be at least 1024 and leave room for one MTU-sized packet below {MAX_BUNDLE_BYTES}",
                 b.max_bytes
+            )));
+        }
+        let s3 = &self.s3;
+        if s3.attempt_timeout < MIN_S3_ATTEMPT_TIMEOUT {
+            return Err(TunnelError::Config(format!(
+                "--s3-attempt-timeout {:?} must be at least {MIN_S3_ATTEMPT_TIMEOUT:?} (one S3 round trip with a tail)",
+                s3.attempt_timeout
+            )));
+        }
+        if s3.operation_timeout < s3.attempt_timeout
+            || s3.operation_timeout > crate::heartbeat::MAX_INTERVAL
+        {
+            return Err(TunnelError::Config(format!(
+                "--s3-timeout {:?} must be at least --s3-attempt-timeout {:?} and at most {:?}",
+                s3.operation_timeout,
+                s3.attempt_timeout,
+                crate::heartbeat::MAX_INTERVAL
+            )));
+        }
+        if !(1..=MAX_S3_ATTEMPTS).contains(&s3.max_attempts) {
+            return Err(TunnelError::Config(format!(
+                "--s3-max-attempts {} must be between 1 and {MAX_S3_ATTEMPTS}",
+                s3.max_attempts
+            )));
+        }
+        if b.max_age < MIN_BUNDLE_MAX_AGE {
+            return Err(TunnelError::Config(format!(
+                "--bundle-max-age {:?} must be at least {MIN_BUNDLE_MAX_AGE:?}",
+                b.max_age
             )));
         }
         if b.max_age > crate::heartbeat::MAX_INTERVAL {
