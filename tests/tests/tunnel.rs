@@ -332,6 +332,11 @@ fn forged_and_malformed_objects_are_rejected_deleted_and_the_tunnel_survives(kin
         net.put_object(1, &bad, &body)
             .unwrap_or_else(|e| panic!("putting {bad}: {e}"));
     }
+    // Ring the doorbell as a sender does after its PUTs: on a loaded machine the uploads above
+    // can outlast the receiver's active period, and an idle receiver only wakes on a ring.
+    let control_key = bundle_forge::bundle_key(b_id, 0xeeee, 0, a_id);
+    net.put_object(1, &format!("v2/bell/{}", b.node_id), control_key.as_bytes())
+        .unwrap_or_else(|e| panic!("ringing the bell: {e}"));
 
     let seqs = read_seqs(&mut reader);
     assert_eq!(
