@@ -92,6 +92,7 @@ fn serve_blob(net: &TunnelNet, index: u8, blob: &[u8]) -> Spawned {
     let www = net.scratch().join("www");
     std::fs::create_dir_all(&www).expect("www dir");
     std::fs::write(www.join("blob"), blob).expect("write blob");
+    std::fs::write(www.join("ready"), b"ready").expect("write ready");
     let mut cmd = net.command_in(index, "python3").expect("node");
     cmd.args(["-m", "http.server", "8080", "--bind"])
         .arg(addr(net, index).to_string())
@@ -361,11 +362,23 @@ fn s3_server_restarted_mid_transfer_loses_nothing_tcp_cannot_retransmit() {
     let blob = blob();
     let _server = serve_blob(&net, 2, &blob);
     let out = net.scratch().join("downloaded");
+    // The server is up and the path warm before the transfer under test starts.
+    let mut ready = net.command_in(1, "curl").expect("node 1");
+    ready
+        .args(["-g", "-sS", "--fail", "--max-time", "60", "-o", "/dev/null"])
+        .args(["--retry", "30", "--retry-all-errors", "--retry-delay", "1"])
+        .arg(format!("http://[{}]:8080/ready", addr(&net, 2)));
+    if let Err(e) = command::run(&mut ready) {
+        panic!("http.server not reachable: {e}\n{}", logs(&net));
+    }
     // No curl retries: a second attempt from scratch would hide a broken transfer.
     let mut cmd = curl(&net, 1, 2, &out, &["--limit-rate", "400K"]);
     cmd.stdout(Stdio::null()).stderr(Stdio::piped());
     let mut download: Child = cmd.spawn().expect("spawn curl");
     let partial = wait_for(Duration::from_secs(30), "the download under way", &net, || {
+        if let Ok(Some(status)) = download.try_wait() {
+            panic!("curl ended ({status}) before the restart\n{}", logs(&net));
+        }
         let len = std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
         (len >= 256 * 1024).then_some(len)
     });
