@@ -362,8 +362,7 @@ impl Conditions {
     /// The stall for this request, if it is a GET the stall rule covers and stalls remain.
     fn stall_for(&self, req: &hyper::Request<Incoming>) -> Option<Duration> {
         let rule = self.stall.as_ref()?;
-        if !get_key(req).is_some_and(|key| rule.keys.matches(key)) || !take_one(&self.stalls_left)
-        {
+        if !get_key(req).is_some_and(|key| rule.keys.matches(key)) || !take_one(&self.stalls_left) {
             return None;
         }
         self.stats.stalled.fetch_add(1, Ordering::Relaxed);
@@ -734,7 +733,9 @@ mod tests {
             prefix: "v2/inbox/".to_owned(),
             sender: Some(a.to_owned()),
         };
-        let key = |sender: &str| format!("v2/inbox/00000000000000bb/0000000000000001-0000000000000002.{sender}");
+        let key = |sender: &str| {
+            format!("v2/inbox/00000000000000bb/0000000000000001-0000000000000002.{sender}")
+        };
         assert!(m.matches(&key(a)));
         assert!(!m.matches(&key("00000000000000ab")));
         assert!(!m.matches(&format!("v2/bell/00000000000000bb.{a}x")));

@@ -10,10 +10,10 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use hoshino_tests::agent::Agent;
-use hoshino_tests::{binaries, command};
 use hoshino_tests::ping::{PingReport, ping};
 use hoshino_tests::s3_backend::{BackendKind, S3Endpoint};
 use hoshino_tests::tunnel_net::{AGENT_READY_TIMEOUT, NetOptions, TunnelNet};
+use hoshino_tests::{binaries, command};
 
 const PING_COUNT: u32 = 5;
 const PING_DEADLINE: Duration = Duration::from_secs(90);
@@ -71,7 +71,9 @@ fn start_agent(net: &mut TunnelNet, keys: &[(String, String, String)], index: u8
 fn inbox_keys(net: &TunnelNet, keys: &[(String, String, String)], index: u8) -> Vec<String> {
     let node = net.node(index).expect("node");
     let endpoint = endpoint_as(net, keys, &node.node_id);
-    let mut cmd = node.ns.command(binaries::s3_probe().expect("hoshino-s3-probe built"));
+    let mut cmd = node
+        .ns
+        .command(binaries::s3_probe().expect("hoshino-s3-probe built"));
     cmd.args(["--endpoint-url", &endpoint.url])
         .args(["--bucket", &endpoint.bucket])
         .args(["--region", &endpoint.region])

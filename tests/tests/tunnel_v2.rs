@@ -105,7 +105,13 @@ fn serve_blob(net: &TunnelNet, index: u8, blob: &[u8]) -> Spawned {
 }
 
 /// curl on node `from` fetching the blob from node `server` into `out`; `extra` flags first.
-fn curl(net: &TunnelNet, from: u8, server: u8, out: &Path, extra: &[&str]) -> std::process::Command {
+fn curl(
+    net: &TunnelNet,
+    from: u8,
+    server: u8,
+    out: &Path,
+    extra: &[&str],
+) -> std::process::Command {
     let mut cmd = net.command_in(from, "curl").expect("node");
     cmd.args(["-g", "-sS", "--fail", "--max-time", "120"])
         .args(extra)
@@ -131,7 +137,12 @@ fn object_file(net: &TunnelNet, key: &str) -> PathBuf {
     net.scratch().join("s3s-root").join(BUCKET).join(key)
 }
 
-fn wait_for<T>(within: Duration, what: &str, net: &TunnelNet, mut probe: impl FnMut() -> Option<T>) -> T {
+fn wait_for<T>(
+    within: Duration,
+    what: &str,
+    net: &TunnelNet,
+    mut probe: impl FnMut() -> Option<T>,
+) -> T {
     let deadline = Instant::now() + within;
     loop {
         if let Some(v) = probe() {
@@ -179,21 +190,31 @@ fn network_key_encrypts_bundles_end_to_end_and_a_tampered_byte_is_rejected() {
     let inbox = format!("v2/inbox/{}/", node_id(&net, 2));
     let mut marked = net.command_in(1, "ping").expect("node 1");
     marked
-        .args(["-n", "-c", "3", "-i", "0.3", "-w", "3", "-s", "400", "-p", MARKER_HEX])
+        .args([
+            "-n", "-c", "3", "-i", "0.3", "-w", "3", "-s", "400", "-p", MARKER_HEX,
+        ])
         .arg(addr(&net, 2).to_string())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     // Unanswered by design: its exit status says nothing here.
     let _ = marked.status().expect("run ping");
     // Bundles of at least one marked echo request (400 bytes of payload).
-    let objects: Vec<(String, Vec<u8>)> = wait_for(Duration::from_secs(20), "the marked pings in the inbox", &net, || {
-        let keys = net.list_keys(1, &inbox).ok()?;
-        let objects: Vec<(String, Vec<u8>)> = keys
-            .into_iter()
-            .filter_map(|k| Some((k.clone(), std::fs::read(object_file(&net, &k)).ok()?)))
-            .collect();
-        objects.iter().any(|(_, b)| b.len() > 400).then_some(objects)
-    });
+    let objects: Vec<(String, Vec<u8>)> = wait_for(
+        Duration::from_secs(20),
+        "the marked pings in the inbox",
+        &net,
+        || {
+            let keys = net.list_keys(1, &inbox).ok()?;
+            let objects: Vec<(String, Vec<u8>)> = keys
+                .into_iter()
+                .filter_map(|k| Some((k.clone(), std::fs::read(object_file(&net, &k)).ok()?)))
+                .collect();
+            objects
+                .iter()
+                .any(|(_, b)| b.len() > 400)
+                .then_some(objects)
+        },
+    );
     for (key, body) in &objects {
         assert_eq!(body.get(..4), Some(&b"HSB1"[..]), "{key}: not a bundle");
         assert_eq!(body.get(4), Some(&2), "{key}: not bundle format v2");
@@ -264,7 +285,8 @@ fn a_get_hanging_for_one_senders_keys_does_not_delay_another_sender() {
     };
     net.restart_s3_server_with(stall, Duration::ZERO)
         .unwrap_or_else(|e| panic!("S3 server with the stall rule: {e}"));
-    net.start_agents(&[]).unwrap_or_else(|e| panic!("agents: {e}"));
+    net.start_agents(&[])
+        .unwrap_or_else(|e| panic!("agents: {e}"));
     let (stalled, free) = std::thread::scope(|s| {
         let stalled = s.spawn(|| ping_from(&net, 1, 3, 20, Duration::from_secs(12)));
         // n1's first bundle is being fetched (and hangs) before n2 starts.
@@ -280,8 +302,7 @@ fn a_get_hanging_for_one_senders_keys_does_not_delay_another_sender() {
         logs(&net)
     );
     assert_eq!(
-        stalled.received,
-        0,
+        stalled.received, 0,
         "n1's pings were answered: the stall did not hold up its bundles\n{}",
         stalled.raw
     );
@@ -334,7 +355,8 @@ fn a_403_on_a_listed_key_is_counted_and_the_bundle_is_delivered_once_lifted() {
         net.put_object(1, &key, &bundle_forge::encode_bundle(&header, &packets))
             .unwrap_or_else(|e| panic!("putting bundle {seq}: {e}"));
     }
-    net.start_agents(&[]).unwrap_or_else(|e| panic!("agents: {e}"));
+    net.start_agents(&[])
+        .unwrap_or_else(|e| panic!("agents: {e}"));
     let inbox = format!("v2/inbox/{receiver}/");
     wait_inbox_empty(&net, &inbox, Duration::from_secs(60));
     let m = net.agent(2).expect("agent 2").metrics().expect("metrics");
@@ -375,13 +397,18 @@ fn s3_server_restarted_mid_transfer_loses_nothing_tcp_cannot_retransmit() {
     let mut cmd = curl(&net, 1, 2, &out, &["--limit-rate", "400K"]);
     cmd.stdout(Stdio::null()).stderr(Stdio::piped());
     let mut download: Child = cmd.spawn().expect("spawn curl");
-    let partial = wait_for(Duration::from_secs(30), "the download under way", &net, || {
-        if let Ok(Some(status)) = download.try_wait() {
-            panic!("curl ended ({status}) before the restart\n{}", logs(&net));
-        }
-        let len = std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
-        (len >= 256 * 1024).then_some(len)
-    });
+    let partial = wait_for(
+        Duration::from_secs(30),
+        "the download under way",
+        &net,
+        || {
+            if let Ok(Some(status)) = download.try_wait() {
+                panic!("curl ended ({status}) before the restart\n{}", logs(&net));
+            }
+            let len = std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
+            (len >= 256 * 1024).then_some(len)
+        },
+    );
     net.restart_s3_server(Duration::from_secs(3))
         .unwrap_or_else(|e| panic!("restarting the S3 server: {e}"));
     let deadline = Instant::now() + Duration::from_secs(120);
