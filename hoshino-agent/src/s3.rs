@@ -528,8 +528,9 @@ impl Store {
         .await
     }
 
-    /// Deletes up to `MAX_DELETE_BATCH` keys with one DeleteObjects request; returns the keys
-    /// the server reported as not deleted (quiet mode lists only failures).
+    /// Deletes up to `MAX_DELETE_BATCH` keys with one DeleteObjects request, then each key the
+    /// batch could not delete with its own DELETE; returns the keys still not deleted (quiet mode
+    /// lists only failures).
     pub async fn delete_many(&self, keys: &[String]) -> Result<Vec<String>, S3Error> {
         let first = keys.first().map(String::as_str).unwrap_or_default();
         if keys.is_empty() {
@@ -554,7 +555,8 @@ impl Store {
             .quiet(true)
             .build()
             .map_err(|e| invalid(e.to_string()))?;
-        let out = self
+        let batch = &keys[..keys.len().min(MAX_DELETE_BATCH)];
+        let result = self
             .attempts(S3Op::DeleteObjects, || {
                 let delete = delete.clone();
                 async move {
@@ -567,12 +569,27 @@ impl Store {
                         .map_err(|e| request_error(S3Op::DeleteObjects, first, e))
                 }
             })
-            .await?;
-        Ok(out
-            .errors()
-            .iter()
-            .filter_map(|e| e.key().map(String::from))
-            .collect())
+            .await;
+        // A key a batch could not delete may still be deletable alone: moto (and a policy
+        // that grants s3:DeleteObject on the inbox's objects but nothing on the bucket ARN)
+        // refuses DeleteObjects where DELETE is allowed. Without this fallback such keys stay
+        // in the inbox for good, re-listed and re-batched forever.
+        let refused: Vec<String> = match result {
+            Ok(out) => out
+                .errors()
+                .iter()
+                .filter_map(|e| e.key().map(String::from))
+                .collect(),
+            Err(e) if e.code() == Some("AccessDenied") => batch.to_vec(),
+            Err(e) => return Err(e),
+        };
+        let mut left = Vec::new();
+        for key in refused {
+            if self.delete(&key).await.is_err() {
+                left.push(key);
+            }
+        }
+        Ok(left)
     }
 }
 

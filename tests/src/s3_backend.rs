@@ -19,6 +19,7 @@ pub const REGION: &str = "us-east-1";
 pub const ACCESS_KEY: &str = "hoshino";
 pub const SECRET_KEY: &str = "hoshino-secret";
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackendKind {
@@ -61,6 +62,12 @@ pub enum BackendError {
     },
     #[error("emulated latency and fault injection are only available with the s3s-fs server")]
     FaultsNeedS3sFs,
+    #[error("only the s3s-fs server can be restarted in place")]
+    RestartNeedsS3sFs,
+    #[error("stopping the S3 server for a restart: {reason}")]
+    Stop { reason: String },
+    #[error("the restarted S3 server listens on {after}, not {before}")]
+    MovedOnRestart { before: String, after: String },
 }
 
 /// What a client needs to reach the bucket (path-style addressing).
@@ -129,7 +136,7 @@ impl S3Backend {
         conditions: &ServerConditions,
     ) -> Result<Self, BackendError> {
         match kind {
-            BackendKind::S3sFs => start_s3s_fs(hub, dir, conditions),
+            BackendKind::S3sFs => start_s3s_fs(hub, dir, &format!("{HUB_IPV4}:0"), conditions),
             BackendKind::Moto if !conditions.is_plain() => Err(BackendError::FaultsNeedS3sFs),
             BackendKind::Moto => {
                 let (process, url, log) = moto::start(hub, dir, BUCKET)?;
@@ -145,6 +152,42 @@ impl S3Backend {
 
     pub fn pid(&self) -> u32 {
         self.process.pid()
+    }
+
+    /// Stops the s3s-fs server (SIGTERM), waits `down`, and starts it again on the same address
+    /// and data directory, as a restarted S3 frontend would be: clients see refused connections
+    /// in between, and every object PUT before the stop is still there.
+    pub fn restart_s3s_fs(
+        &mut self,
+        hub: &Namespace,
+        dir: &Path,
+        conditions: &ServerConditions,
+        down: Duration,
+    ) -> Result<(), BackendError> {
+        if self.kind != BackendKind::S3sFs {
+            return Err(BackendError::RestartNeedsS3sFs);
+        }
+        let listen = self
+            .endpoint
+            .url
+            .strip_prefix("http://")
+            .unwrap_or(&self.endpoint.url)
+            .to_owned();
+        self.process
+            .terminate(STOP_TIMEOUT)
+            .map_err(|e| BackendError::Stop {
+                reason: e.to_string(),
+            })?;
+        std::thread::sleep(down);
+        let restarted = start_s3s_fs(hub, dir, &listen, conditions)?;
+        if restarted.endpoint.url != self.endpoint.url {
+            return Err(BackendError::MovedOnRestart {
+                before: self.endpoint.url.clone(),
+                after: restarted.endpoint.url,
+            });
+        }
+        *self = restarted;
+        Ok(())
     }
 }
 
@@ -163,9 +206,12 @@ fn io_error(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> B
     move |source| BackendError::Io { what, path, source }
 }
 
+/// Starts s3s-fs on `listen` (port 0 picks one); the log is appended to, so a restart keeps the
+/// earlier run's lines.
 fn start_s3s_fs(
     hub: &Namespace,
     dir: &Path,
+    listen: &str,
     conditions: &ServerConditions,
 ) -> Result<S3Backend, BackendError> {
     let root = dir.join("s3s-root");
@@ -173,10 +219,14 @@ fn start_s3s_fs(
     std::fs::create_dir_all(&bucket_dir)
         .map_err(io_error("creating bucket directory", &bucket_dir))?;
     let log = dir.join("s3s-server.log");
-    let log_file = std::fs::File::create(&log).map_err(io_error("creating log", &log))?;
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+        .map_err(io_error("opening log", &log))?;
     let mut cmd = hub.command(binaries::s3_server()?);
     cmd.arg("--listen")
-        .arg(format!("{HUB_IPV4}:0"))
+        .arg(listen)
         .arg("--root")
         .arg(&root)
         .arg("--access-key")

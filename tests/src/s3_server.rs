@@ -196,13 +196,49 @@ impl FaultInjector {
     }
 }
 
-/// Stalls the body of GETs whose key starts with `prefix` ("" = every GET): the status and
-/// headers go out at once, the first body byte only after `duration`, as a slow or hung S3 GET
-/// does. At most `count` GETs stall (then the prefix is served normally), so a retry can succeed.
+/// Which GETs a rule covers: keys starting with `prefix` ("" = every key) and, with `sender`,
+/// only mailbox keys sent by that node (v2 keys end in `.<sender>`, 16 lowercase hex digits), so
+/// a test can select one sender's traffic in an inbox that others write to as well.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct KeyMatch {
+    pub prefix: String,
+    pub sender: Option<String>,
+}
+
+impl KeyMatch {
+    /// `key` as sent in the request path (percent-encoded; mailbox keys need no encoding).
+    pub fn matches(&self, key: &str) -> bool {
+        !key.is_empty()
+            && key.starts_with(&self.prefix)
+            && self.sender.as_deref().is_none_or(|sender| {
+                key.rsplit_once('.')
+                    .is_some_and(|(stem, s)| s == sender && !stem.is_empty())
+            })
+    }
+
+    fn push_args(&self, flag_prefix: &str, args: &mut Vec<String>) {
+        args.push(format!("--{flag_prefix}-prefix={}", self.prefix));
+        if let Some(sender) = &self.sender {
+            args.push(format!("--{flag_prefix}-sender={sender}"));
+        }
+    }
+}
+
+/// Stalls the body of GETs of the keys `keys` covers: the status and headers go out at once,
+/// the first body byte only after `duration`, as a slow or hung S3 GET does. At most `count` GETs
+/// stall (then those keys are served normally), so a retry can succeed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StallRule {
-    pub prefix: String,
+    pub keys: KeyMatch,
     pub duration: Duration,
+    pub count: Option<u64>,
+}
+
+/// Answers GETs of the keys `keys` covers with `403 AccessDenied` (as S3 does for an SSE-KMS
+/// object the caller may not decrypt), at most `count` times, then serves them normally.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForbidRule {
+    pub keys: KeyMatch,
     pub count: Option<u64>,
 }
 
@@ -217,6 +253,7 @@ pub struct ServerConditions {
     /// Fraction of requests whose connection is reset instead of answered.
     pub reset_fraction: f64,
     pub stall: Option<StallRule>,
+    pub forbid: Option<ForbidRule>,
     pub seed: u64,
 }
 
@@ -236,11 +273,18 @@ impl ServerConditions {
             self.seed.to_string(),
         ];
         if let Some(stall) = &self.stall {
-            args.push(format!("--stall-get-prefix={}", stall.prefix));
+            stall.keys.push_args("stall-get", &mut args);
             args.push("--stall-ms".to_owned());
             args.push(stall.duration.as_millis().to_string());
             if let Some(count) = stall.count {
                 args.push("--stall-count".to_owned());
+                args.push(count.to_string());
+            }
+        }
+        if let Some(forbid) = &self.forbid {
+            forbid.keys.push_args("forbid-get", &mut args);
+            if let Some(count) = forbid.count {
+                args.push("--forbid-count".to_owned());
                 args.push(count.to_string());
             }
         }
@@ -284,6 +328,7 @@ pub struct ServerConfig {
 pub struct ConditionStats {
     pub requests: AtomicU64,
     pub stalled: AtomicU64,
+    pub forbidden: AtomicU64,
     pub delayed_micros: AtomicU64,
 }
 
@@ -294,26 +339,47 @@ struct Conditions {
     faults: FaultInjector,
     stall: Option<StallRule>,
     stalls_left: AtomicU64,
+    forbid: Option<ForbidRule>,
+    forbids_left: AtomicU64,
     stats: ConditionStats,
+}
+
+/// The key of a path-style GET (`/<bucket>/<key>`), as sent (percent-encoded).
+fn get_key(req: &hyper::Request<Incoming>) -> Option<&str> {
+    if req.method() != hyper::Method::GET {
+        return None;
+    }
+    Some(req.uri().path().strip_prefix('/')?.split_once('/')?.1)
+}
+
+/// Takes one from `left` unless it is already zero.
+fn take_one(left: &AtomicU64) -> bool {
+    left.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+        .is_ok()
 }
 
 impl Conditions {
     /// The stall for this request, if it is a GET the stall rule covers and stalls remain.
     fn stall_for(&self, req: &hyper::Request<Incoming>) -> Option<Duration> {
         let rule = self.stall.as_ref()?;
-        if req.method() != hyper::Method::GET {
+        if !get_key(req).is_some_and(|key| rule.keys.matches(key)) || !take_one(&self.stalls_left) {
             return None;
         }
-        // Path-style: /<bucket>/<key>. Keys are matched as sent (percent-encoded).
-        let key = req.uri().path().strip_prefix('/')?.split_once('/')?.1;
-        if key.is_empty() || !key.starts_with(&rule.prefix) {
-            return None;
-        }
-        self.stalls_left
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
-            .ok()?;
         self.stats.stalled.fetch_add(1, Ordering::Relaxed);
         Some(rule.duration)
+    }
+
+    /// Whether this request is a GET the forbid rule covers while 403s remain.
+    fn forbidden(&self, req: &hyper::Request<Incoming>) -> bool {
+        let Some(rule) = self.forbid.as_ref() else {
+            return false;
+        };
+        if !get_key(req).is_some_and(|key| rule.keys.matches(key)) || !take_one(&self.forbids_left)
+        {
+            return false;
+        }
+        self.stats.forbidden.fetch_add(1, Ordering::Relaxed);
+        true
     }
 }
 
@@ -335,7 +401,8 @@ impl hyper::service::Service<hyper::Request<Incoming>> for ConditionedService {
         let n = c.stats.requests.fetch_add(1, Ordering::Relaxed);
         let delay = c.latency.sample(c.seed, n);
         let fault = c.faults.draw();
-        let stall = if fault.is_none() {
+        let forbidden = fault.is_none() && c.forbidden(&req);
+        let stall = if fault.is_none() && !forbidden {
             c.stall_for(&req)
         } else {
             None
@@ -373,6 +440,14 @@ impl hyper::service::Service<hyper::Request<Incoming>> for ConditionedService {
                     return Err(HttpError::new("connection reset injected".into()));
                 }
                 None => {}
+            }
+            if forbidden {
+                return Ok(s3_error(
+                    hyper::StatusCode::FORBIDDEN,
+                    "AccessDenied",
+                    "Access Denied",
+                    &resource,
+                ));
             }
             let resp = hyper::service::Service::call(&inner, req).await?;
             Ok(match stall {
@@ -438,6 +513,7 @@ impl BoundServer {
                     source,
                 })?;
         let stalls_left = c.stall.as_ref().and_then(|s| s.count).unwrap_or(u64::MAX);
+        let forbids_left = c.forbid.as_ref().and_then(|f| f.count).unwrap_or(u64::MAX);
         Ok(Self {
             listener,
             service: ConditionedService {
@@ -448,6 +524,8 @@ impl BoundServer {
                     faults,
                     stall: c.stall.clone(),
                     stalls_left: AtomicU64::new(stalls_left),
+                    forbid: c.forbid.clone(),
+                    forbids_left: AtomicU64::new(forbids_left),
                     stats: ConditionStats::default(),
                 }),
             },
@@ -508,6 +586,10 @@ impl ServerCounters {
         self.0.stats.stalled.load(Ordering::Relaxed)
     }
 
+    pub fn gets_forbidden(&self) -> u64 {
+        self.0.stats.forbidden.load(Ordering::Relaxed)
+    }
+
     pub fn mean_added_latency(&self) -> Duration {
         let micros = self.0.stats.delayed_micros.load(Ordering::Relaxed);
         Duration::from_micros(micros / self.requests().max(1))
@@ -518,10 +600,12 @@ impl std::fmt::Display for ServerCounters {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} requests, {} faults injected, {} GETs stalled, {:?} mean added latency",
+            "{} requests, {} faults injected, {} GETs stalled, {} GETs forbidden, {:?} mean added \
+             latency",
             self.requests(),
             self.faults_injected(),
             self.gets_stalled(),
+            self.gets_forbidden(),
             self.mean_added_latency()
         )
     }
@@ -599,9 +683,19 @@ mod tests {
             internal_error_fraction: 0.125,
             reset_fraction: 0.0625,
             stall: Some(StallRule {
-                prefix: "v2/inbox/".to_owned(),
+                keys: KeyMatch {
+                    prefix: "v2/inbox/".to_owned(),
+                    sender: Some("00000000000000aa".to_owned()),
+                },
                 duration: Duration::from_millis(1500),
                 count: Some(2),
+            }),
+            forbid: Some(ForbidRule {
+                keys: KeyMatch {
+                    prefix: "v2/inbox/b/".to_owned(),
+                    sender: None,
+                },
+                count: Some(3),
             }),
             seed: 9,
         };
@@ -618,13 +712,36 @@ mod tests {
             "--fault-seed",
             "9",
             "--stall-get-prefix=v2/inbox/",
+            "--stall-get-sender=00000000000000aa",
             "--stall-ms",
             "1500",
             "--stall-count",
             "2",
+            "--forbid-get-prefix=v2/inbox/b/",
+            "--forbid-count",
+            "3",
         ];
         assert_eq!(args, expected);
         assert!(!c.is_plain());
         assert!(ServerConditions::default().is_plain());
+    }
+
+    #[test]
+    fn key_match_by_sender_selects_only_that_senders_mailbox_keys() {
+        let a = "00000000000000aa";
+        let m = KeyMatch {
+            prefix: "v2/inbox/".to_owned(),
+            sender: Some(a.to_owned()),
+        };
+        let key = |sender: &str| {
+            format!("v2/inbox/00000000000000bb/0000000000000001-0000000000000002.{sender}")
+        };
+        assert!(m.matches(&key(a)));
+        assert!(!m.matches(&key("00000000000000ab")));
+        assert!(!m.matches(&format!("v2/bell/00000000000000bb.{a}x")));
+        assert!(!m.matches(&format!("v2/other/x.{a}")));
+        let any = KeyMatch::default();
+        assert!(any.matches("v2/bell/x"));
+        assert!(!any.matches(""));
     }
 }

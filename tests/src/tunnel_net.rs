@@ -50,6 +50,8 @@ pub struct TunnelNet {
     pub agents: Vec<Agent>,
     pub backend: S3Backend,
     pub bed: Testbed,
+    /// What the server was started with, so a restart emulates the same S3.
+    server_conditions: ServerConditions,
 }
 
 impl TunnelNet {
@@ -73,7 +75,50 @@ impl TunnelNet {
             agents: Vec::new(),
             backend,
             bed,
+            server_conditions: conditions,
         })
+    }
+
+    /// Starts an agent on every node that has none yet (a testbed made `without_agents`), all at
+    /// once, then waits until each is ready.
+    pub fn start_agents(&mut self, extra: &[&str]) -> Result<(), TunnelNetError> {
+        for node in self.bed.nodes.iter().skip(self.agents.len()) {
+            let agent = Agent::start(node, &self.backend.endpoint, self.bed.scratch.path(), extra)?;
+            self.agents.push(agent);
+        }
+        for agent in &mut self.agents {
+            agent.wait_ready(AGENT_READY_TIMEOUT)?;
+        }
+        Ok(())
+    }
+
+    /// Stops the S3 server, keeps it down for `down`, and starts it again on the same address
+    /// and data directory (s3s-fs only).
+    pub fn restart_s3_server(&mut self, down: Duration) -> Result<(), TunnelNetError> {
+        let conditions = self.server_conditions.clone();
+        self.restart_s3_server_with(conditions, down)
+    }
+
+    /// As `restart_s3_server`, emulating `conditions` from now on (e.g. a fault rule that names
+    /// node ids, which exist only once the testbed does).
+    pub fn restart_s3_server_with(
+        &mut self,
+        conditions: ServerConditions,
+        down: Duration,
+    ) -> Result<(), TunnelNetError> {
+        self.server_conditions = conditions;
+        let kind = self.backend.kind;
+        self.backend
+            .restart_s3s_fs(
+                &self.bed.hub,
+                self.bed.scratch.path(),
+                &self.server_conditions,
+                down,
+            )
+            .map_err(|source| TunnelNetError::Backend {
+                kind: kind.label(),
+                source,
+            })
     }
 
     /// Everything up, every agent ready.
@@ -84,14 +129,7 @@ impl TunnelNet {
     ) -> Result<Self, TunnelNetError> {
         let mut net = Self::without_agents(kind, nodes, options)?;
         let extra: Vec<&str> = options.agent_args.iter().map(String::as_str).collect();
-        // Start all, then wait for all: the agents come up in parallel.
-        for node in &net.bed.nodes {
-            let agent = Agent::start(node, &net.backend.endpoint, net.bed.scratch.path(), &extra)?;
-            net.agents.push(agent);
-        }
-        for agent in &mut net.agents {
-            agent.wait_ready(AGENT_READY_TIMEOUT)?;
-        }
+        net.start_agents(&extra)?;
         Ok(net)
     }
 

@@ -7,13 +7,13 @@
 
 use std::net::IpAddr;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hoshino_tests::agent::Agent;
-use hoshino_tests::command;
 use hoshino_tests::ping::{PingReport, ping};
 use hoshino_tests::s3_backend::{BackendKind, S3Endpoint};
 use hoshino_tests::tunnel_net::{AGENT_READY_TIMEOUT, NetOptions, TunnelNet};
+use hoshino_tests::{binaries, command};
 
 const PING_COUNT: u32 = 5;
 const PING_DEADLINE: Duration = Duration::from_secs(90);
@@ -64,6 +64,23 @@ fn start_agent(net: &mut TunnelNet, keys: &[(String, String, String)], index: u8
     let agent = Agent::start(node, &endpoint, net.scratch(), &[])
         .unwrap_or_else(|e| panic!("starting agent n{index}: {e}"));
     net.agents.push(agent);
+}
+
+/// The keys in node `index`'s inbox, listed with that node's own credentials (the shared ones are
+/// refused once IAM enforcement is on).
+fn inbox_keys(net: &TunnelNet, keys: &[(String, String, String)], index: u8) -> Vec<String> {
+    let node = net.node(index).expect("node");
+    let endpoint = endpoint_as(net, keys, &node.node_id);
+    let mut cmd = node
+        .ns
+        .command(binaries::s3_probe().expect("hoshino-s3-probe built"));
+    cmd.args(["--endpoint-url", &endpoint.url])
+        .args(["--bucket", &endpoint.bucket])
+        .args(["--region", &endpoint.region])
+        .args(["list", "--prefix", &format!("v2/inbox/{}/", node.node_id)]);
+    endpoint.apply_env(&mut cmd);
+    let out = command::run(&mut cmd).unwrap_or_else(|e| panic!("listing n{index}'s inbox: {e}"));
+    out.lines().map(str::to_owned).collect()
 }
 
 fn ping_between(net: &TunnelNet, from: u8, to: u8, count: u32, deadline: Duration) -> PingReport {
@@ -117,6 +134,29 @@ fn agents_holding_only_their_own_node_credentials_ping_each_other() {
             index + 1,
             metrics.summary()
         );
+    }
+    // What was delivered is deleted under the node's own policy too (batched deletes may be
+    // refused where single ones are allowed), within the 1 s batching delay and some slack.
+    for index in [1, 2] {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let left = inbox_keys(&net, &keys, index);
+            if left.is_empty() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "n{index}'s inbox still holds {} delivered objects under its own policy: {left:?}\n{}\n{}",
+                left.len(),
+                net.agent(index)
+                    .ok()
+                    .and_then(|a| a.metrics().ok())
+                    .map(|m| m.summary())
+                    .unwrap_or_default(),
+                logs(&net)
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
     }
 }
 

@@ -12,7 +12,8 @@ use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use hoshino_tests::s3_server::{
-    BoundServer, LatencyProfile, ServerConditions, ServerConfig, ServerCounters, StallRule,
+    BoundServer, ForbidRule, KeyMatch, LatencyProfile, ServerConditions, ServerConfig,
+    ServerCounters, StallRule,
 };
 use hoshino_tests::scratch::ScratchDir;
 
@@ -196,7 +197,10 @@ async fn a_stalled_get_body_arrives_only_after_the_stall_and_only_for_its_prefix
     let stall = Duration::from_millis(1500);
     let server = serve(ServerConditions {
         stall: Some(StallRule {
-            prefix: "slow/".to_owned(),
+            keys: KeyMatch {
+                prefix: "slow/".to_owned(),
+                sender: None,
+            },
             duration: stall,
             count: Some(1),
         }),
@@ -233,4 +237,46 @@ async fn a_stalled_get_body_arrives_only_after_the_stall_and_only_for_its_prefix
     assert_eq!(get(&server.client, "fast/b").await, b"served");
     assert_eq!(get(&server.client, "slow/a").await, b"held back");
     assert_eq!(server.counters.gets_stalled(), 1);
+}
+
+#[tokio::test]
+async fn a_forbidden_get_is_answered_access_denied_for_its_count_then_served() {
+    let sender = "00000000000000aa";
+    let mine = format!("v2/inbox/00000000000000bb/0000000000000001-0000000000000000.{sender}");
+    let other = "v2/inbox/00000000000000bb/0000000000000002-0000000000000000.00000000000000cc";
+    let server = serve(ServerConditions {
+        forbid: Some(ForbidRule {
+            keys: KeyMatch {
+                prefix: "v2/inbox/".to_owned(),
+                sender: Some(sender.to_owned()),
+            },
+            count: Some(2),
+        }),
+        ..ServerConditions::default()
+    })
+    .await;
+    put(&server.client, &mine, b"for b from a").await;
+    put(&server.client, other, b"for b from c").await;
+
+    for attempt in 0..2 {
+        let result = server
+            .client
+            .get_object()
+            .bucket(BUCKET)
+            .key(&mine)
+            .send()
+            .await;
+        match result {
+            Err(SdkError::ServiceError(e)) => {
+                assert_eq!(e.raw().status().as_u16(), 403, "attempt {attempt}");
+                assert_eq!(e.err().code(), Some("AccessDenied"), "attempt {attempt}");
+            }
+            other => panic!("attempt {attempt}: expected 403 AccessDenied, got {other:?}"),
+        }
+    }
+    // Another sender's key is never forbidden; the forbidden key is served once the count is
+    // used up.
+    assert_eq!(get(&server.client, other).await, b"for b from c");
+    assert_eq!(get(&server.client, &mine).await, b"for b from a");
+    assert_eq!(server.counters.gets_forbidden(), 2);
 }

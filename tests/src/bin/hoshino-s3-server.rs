@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use hoshino_tests::s3_server::{
-    BoundServer, LatencyProfile, ServerConditions, ServerConfig, StallRule,
+    BoundServer, ForbidRule, KeyMatch, LatencyProfile, ServerConditions, ServerConfig, StallRule,
 };
 
 #[derive(Debug, Parser)]
@@ -48,12 +48,24 @@ struct Args {
     /// at once, the body after --stall-ms.
     #[arg(long)]
     stall_get_prefix: Option<String>,
+    /// Stall only GETs of mailbox keys sent by this node (keys ending in `.<16 hex>`).
+    #[arg(long, requires = "stall_get_prefix")]
+    stall_get_sender: Option<String>,
     /// How long a stalled GET body is held back, in milliseconds.
     #[arg(long, default_value_t = 3_600_000, requires = "stall_get_prefix")]
     stall_ms: u64,
     /// Stall only the first N matching GETs [default: all].
     #[arg(long, requires = "stall_get_prefix")]
     stall_count: Option<u64>,
+    /// Answer GETs of keys starting with this prefix ("" = every key) with 403 AccessDenied.
+    #[arg(long)]
+    forbid_get_prefix: Option<String>,
+    /// Forbid only GETs of mailbox keys sent by this node (keys ending in `.<16 hex>`).
+    #[arg(long, requires = "forbid_get_prefix")]
+    forbid_get_sender: Option<String>,
+    /// Forbid only the first N matching GETs [default: all], then serve them.
+    #[arg(long, requires = "forbid_get_prefix")]
+    forbid_count: Option<u64>,
 }
 
 #[tokio::main]
@@ -75,9 +87,19 @@ async fn main() -> ExitCode {
             internal_error_fraction: args.error_fraction,
             reset_fraction: args.reset_fraction,
             stall: args.stall_get_prefix.map(|prefix| StallRule {
-                prefix,
+                keys: KeyMatch {
+                    prefix,
+                    sender: args.stall_get_sender,
+                },
                 duration: Duration::from_millis(args.stall_ms),
                 count: args.stall_count,
+            }),
+            forbid: args.forbid_get_prefix.map(|prefix| ForbidRule {
+                keys: KeyMatch {
+                    prefix,
+                    sender: args.forbid_get_sender,
+                },
+                count: args.forbid_count,
             }),
             seed: args.fault_seed,
         },
