@@ -13,13 +13,14 @@ use bytes::Bytes;
 use etherparse::Ipv6HeaderSlice;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tun_rs::AsyncDevice;
 
 use crate::bundler::{Bundler, Sealed};
+use crate::clock;
 use crate::mailbox::{BellSchedule, BundleKey, bell_key};
 use crate::metrics::{DropReason, IgnoreReason, Metrics};
 use crate::node_addr::{NodeAddr, NodeId};
-use crate::s3::Store;
+use crate::packet_io::PacketIo;
+use crate::store::Store;
 
 /// Packets read per wake-up before the loop looks at flushes again.
 const READ_BATCH: usize = 256;
@@ -52,9 +53,9 @@ pub fn classify(packet: &[u8], me: &NodeAddr) -> Result<NodeId, IgnoreReason> {
     Ok(dest)
 }
 
-pub struct Egress {
-    pub tun: Arc<AsyncDevice>,
-    pub store: Store,
+pub struct Egress<S, T> {
+    pub tun: Arc<T>,
+    pub store: S,
     pub me: NodeAddr,
     pub metrics: Arc<Metrics>,
     pub bundler: Bundler,
@@ -73,14 +74,14 @@ struct PutDone {
     ok: bool,
 }
 
-impl Egress {
+impl<S: Store, T: PacketIo> Egress<S, T> {
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         let mut buf = vec![0u8; READ_BUFFER];
         let mut puts: JoinSet<PutDone> = JoinSet::new();
         let mut bells: JoinSet<()> = JoinSet::new();
         let mut schedule = BellSchedule::default();
         loop {
-            let now = Instant::now();
+            let now = clock::now();
             while let Some(sealed) = self.bundler.next_put(now) {
                 self.spawn_put(&mut puts, sealed);
             }
@@ -121,7 +122,7 @@ impl Egress {
     fn take_packet(&mut self, packet: &[u8]) {
         match classify(packet, &self.me) {
             Ok(dest) => {
-                if self.bundler.push(dest, packet, Instant::now()).is_err() {
+                if self.bundler.push(dest, packet, clock::now()).is_err() {
                     self.metrics.dropped(DropReason::EgressBufferFull, 1);
                 }
             }
@@ -143,7 +144,7 @@ impl Egress {
         let body = Bytes::from(s.body);
         let skip = Bytes::from(self.bundler.skip_marker(s.dest, s.seq));
         puts.spawn(async move {
-            let started = Instant::now();
+            let started = clock::now();
             let r = store.put(&key, body).await;
             let key_done = key.clone();
             if let Err(e) = &r {
@@ -178,7 +179,7 @@ impl Egress {
             .fetch_add(u64::from(d.packets), Relaxed);
         self.metrics.egress_bytes.fetch_add(d.packet_bytes, Relaxed);
         self.sent.notify_one();
-        let now = Instant::now();
+        let now = clock::now();
         self.bundler
             .put_latency(d.dest, now.saturating_duration_since(d.started), now);
         schedule.prune(now);
@@ -207,7 +208,7 @@ impl Egress {
         let mut schedule = BellSchedule::default();
         let deadline = tokio::time::Instant::now() + DRAIN_GRACE;
         loop {
-            while let Some(s) = self.bundler.next_put(Instant::now()) {
+            while let Some(s) = self.bundler.next_put(clock::now()) {
                 self.spawn_put(&mut puts, s);
             }
             if puts.is_empty() {
