@@ -2,6 +2,7 @@
 //!
 //! Sans-IO core (no clock, network or kernel; time is passed in): `node_addr`, `bundle`,
 //! `mailbox` (the key schedule), `heartbeat`, `probe`, `reorder`, `cursor`, `deletes`, `bundler`,
+//! `outbox` (the send side as a state machine: packets and PUT results in, PUT/ring actions out),
 //! `metrics`, `policy`.
 //! I/O edges: `tun_device`, `netlink`, `s3`, `metrics_http`, `egress`, `ingress`, `tunnel`,
 //! `interceptor`. The edges the tunnel loops use are traits with doubles: `store::Store` (the
@@ -18,6 +19,7 @@ pub mod mailbox;
 pub mod memory_store;
 pub mod metrics;
 pub mod node_addr;
+pub mod outbox;
 pub mod policy;
 pub mod probe;
 pub mod reorder;
