@@ -18,6 +18,7 @@ use hoshino_agent::egress::Egress;
 use hoshino_agent::fault_store::{Faults, FaultyStore, Latency};
 use hoshino_agent::heartbeat::HeartbeatConfig;
 use hoshino_agent::ingress::{DEFAULT_BUDGET_BYTES, Ingress};
+use hoshino_agent::mailbox::inbox_prefix;
 use hoshino_agent::memory_store::MemoryStore;
 use hoshino_agent::metrics::{Metrics, S3Op};
 use hoshino_agent::node_addr::{NetworkPrefix, NodeAddr, NodeId};
@@ -428,6 +429,17 @@ async fn a_receiver_restarted_mid_transfer_delivers_nothing_twice() {
     assert!(
         got.seqs.len() as u64 > 1500,
         "nothing arrived after the restart"
+    );
+    // Bundles the first life delivered but had not deleted are below the cursor now: the
+    // second life deletes them without delivering them (checked above), so the inbox empties.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let left = bucket.keys(&inbox_prefix(B));
+    assert!(left.is_empty(), "left in node b's inbox: {left:?}");
+    println!(
+        "restart: the second life found {} bundles below its cursor (deleted, not delivered)",
+        b.metrics
+            .duplicate_bundles
+            .load(std::sync::atomic::Ordering::Relaxed)
     );
     a.stop().await;
     b.stop().await;
