@@ -1,25 +1,25 @@
-//! Egress: packets read from the TUN are classified, batched per destination by the `Bundler`,
-//! and PUT into the destination's inbox under the stream's predictable key
-//! (`v2/inbox/<dest>/<session>-<seq>.<us>`), several at once; after a PUT the `BellSchedule`
-//! decides whether to ring the destination's doorbell. A PUT the store gave up on (its retries
-//! ride out several seconds of outage) is replaced by a skip marker under the same key.
+//! Egress, the send side's driver: packets read from the TUN are classified and handed to the
+//! `Outbox` (sans-IO: batching per destination, predictable keys
+//! `v2/inbox/<dest>/<session>-<seq>.<us>`, when to ring a doorbell, the skip marker that
+//! replaces a PUT the store gave up on); this loop only performs the outbox's actions (PUT and
+//! bell tasks, several at once) and counts them.
 
 use std::net::Ipv6Addr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
-use bytes::Bytes;
 use etherparse::Ipv6HeaderSlice;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tun_rs::AsyncDevice;
 
-use crate::bundler::{Bundler, Sealed};
-use crate::mailbox::{BellSchedule, BundleKey, bell_key};
+use crate::bundler::Bundler;
+use crate::clock;
 use crate::metrics::{DropReason, IgnoreReason, Metrics};
 use crate::node_addr::{NodeAddr, NodeId};
-use crate::s3::Store;
+use crate::outbox::{Action, Outbox, Outcome, PutId};
+use crate::packet_io::PacketIo;
+use crate::store::{S3Error, Store};
 
 /// Packets read per wake-up before the loop looks at flushes again.
 const READ_BATCH: usize = 256;
@@ -52,9 +52,9 @@ pub fn classify(packet: &[u8], me: &NodeAddr) -> Result<NodeId, IgnoreReason> {
     Ok(dest)
 }
 
-pub struct Egress {
-    pub tun: Arc<AsyncDevice>,
-    pub store: Store,
+pub struct Egress<S, T> {
+    pub tun: Arc<T>,
+    pub store: S,
     pub me: NodeAddr,
     pub metrics: Arc<Metrics>,
     pub bundler: Bundler,
@@ -62,47 +62,50 @@ pub struct Egress {
     pub sent: Arc<tokio::sync::Notify>,
 }
 
+/// A finished PUT, as reported to the outbox.
 struct PutDone {
-    dest: NodeId,
-    /// The bundle's key: a ring's body, so the receiver can probe this stream at once.
-    key: String,
-    body_len: usize,
-    packets: u32,
-    packet_bytes: u64,
-    started: Instant,
-    ok: bool,
+    id: PutId,
+    result: Result<(), S3Error>,
 }
 
-impl Egress {
-    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+impl<S: Store, T: PacketIo> Egress<S, T> {
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let Egress {
+            tun,
+            store,
+            me,
+            metrics,
+            bundler,
+            sent,
+        } = self;
+        let mut driver = Driver {
+            outbox: Outbox::new(bundler, me.id),
+            store,
+            me,
+            metrics,
+            sent,
+            puts: JoinSet::new(),
+            bells: JoinSet::new(),
+        };
         let mut buf = vec![0u8; READ_BUFFER];
-        let mut puts: JoinSet<PutDone> = JoinSet::new();
-        let mut bells: JoinSet<()> = JoinSet::new();
-        let mut schedule = BellSchedule::default();
         loop {
-            let now = Instant::now();
-            while let Some(sealed) = self.bundler.next_put(now) {
-                self.spawn_put(&mut puts, sealed);
-            }
-            self.metrics
-                .egress_buffer_bytes
-                .store(self.bundler.buffered_bytes() as u64, Relaxed);
-            let deadline = self.bundler.next_deadline();
+            driver.perform_due(clock::now());
+            let deadline = driver.outbox.next_deadline();
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => break,
-                Some(done) = puts.join_next(), if !puts.is_empty() => {
+                Some(done) = driver.puts.join_next(), if !driver.puts.is_empty() => {
                     if let Ok(done) = done {
-                        self.put_finished(done, &mut schedule, &mut bells);
+                        driver.put_finished(done);
                     }
                 }
-                Some(_) = bells.join_next(), if !bells.is_empty() => {}
-                r = self.tun.recv(&mut buf) => match r {
+                Some(_) = driver.bells.join_next(), if !driver.bells.is_empty() => {}
+                r = tun.recv(&mut buf) => match r {
                     Ok(n) => {
-                        self.take_packet(buf.get(..n).unwrap_or_default());
+                        driver.take_packet(buf.get(..n).unwrap_or_default());
                         for _ in 1..READ_BATCH {
-                            match self.tun.try_recv(&mut buf) {
-                                Ok(n) => self.take_packet(buf.get(..n).unwrap_or_default()),
+                            match tun.try_recv(&mut buf) {
+                                Ok(n) => driver.take_packet(buf.get(..n).unwrap_or_default()),
                                 Err(_) => break,
                             }
                         }
@@ -115,13 +118,35 @@ impl Egress {
                 _ = sleep_until(deadline), if deadline.is_some() => {}
             }
         }
-        self.drain(puts, bells).await;
+        driver.drain().await;
+    }
+}
+
+/// Performs the outbox's actions: PUT and bell tasks, and the counters.
+struct Driver<S> {
+    outbox: Outbox,
+    store: S,
+    me: NodeAddr,
+    metrics: Arc<Metrics>,
+    sent: Arc<tokio::sync::Notify>,
+    puts: JoinSet<PutDone>,
+    bells: JoinSet<()>,
+}
+
+impl<S: Store> Driver<S> {
+    fn perform_due(&mut self, now: Instant) {
+        while let Some(action) = self.outbox.poll(now) {
+            self.perform(action);
+        }
+        self.metrics
+            .egress_buffer_bytes
+            .store(self.outbox.buffered_bytes() as u64, Relaxed);
     }
 
     fn take_packet(&mut self, packet: &[u8]) {
         match classify(packet, &self.me) {
             Ok(dest) => {
-                if self.bundler.push(dest, packet, Instant::now()).is_err() {
+                if self.outbox.packet(dest, packet, clock::now()).is_err() {
                     self.metrics.dropped(DropReason::EgressBufferFull, 1);
                 }
             }
@@ -129,102 +154,78 @@ impl Egress {
         }
     }
 
-    fn spawn_put(&self, puts: &mut JoinSet<PutDone>, s: Sealed) {
-        let key = BundleKey {
-            dest: s.dest,
-            session: self.bundler.session(),
-            seq: s.seq,
-            sender: self.me.id,
-        }
-        .to_key();
+    fn perform(&mut self, action: Action) {
         let store = self.store.clone();
-        let (dest, packets, packet_bytes, body_len) =
-            (s.dest, s.packets, s.packet_bytes, s.body.len());
-        let body = Bytes::from(s.body);
-        let skip = Bytes::from(self.bundler.skip_marker(s.dest, s.seq));
-        puts.spawn(async move {
-            let started = Instant::now();
-            let r = store.put(&key, body).await;
-            let key_done = key.clone();
-            if let Err(e) = &r {
-                tracing::warn!(error = %e, "bundle PUT failed after retries; its packets are dropped");
-                // Under the same key, so the receiver moves on at once; if even this fails
-                // the receiver's gap timeout is the safety net.
-                if let Err(e) = store.put(&key, skip).await {
-                    tracing::warn!(error = %e, "skip marker PUT failed");
-                }
+        match action {
+            Action::Put { id, key, body } => {
+                self.puts.spawn(async move {
+                    let result = store.put(&key, body).await;
+                    PutDone { id, result }
+                });
             }
-            PutDone {
-                dest,
-                key: key_done,
-                body_len,
-                packets,
-                packet_bytes,
-                started,
-                ok: r.is_ok(),
+            Action::Ring { key, body } => {
+                let metrics = self.metrics.clone();
+                self.bells.spawn(async move {
+                    match store.put(&key, body).await {
+                        Ok(()) => {
+                            metrics.bells_rung.fetch_add(1, Relaxed);
+                        }
+                        Err(e) => tracing::warn!(error = %e, "ringing the doorbell failed"),
+                    }
+                });
             }
-        });
+        }
     }
 
-    fn put_finished(&mut self, d: PutDone, schedule: &mut BellSchedule, bells: &mut JoinSet<()>) {
-        self.bundler.put_done(d.dest, d.body_len);
-        if !d.ok {
-            self.metrics
-                .dropped(DropReason::PutFailed, u64::from(d.packets));
-            return;
-        }
-        self.metrics
-            .egress_packets
-            .fetch_add(u64::from(d.packets), Relaxed);
-        self.metrics.egress_bytes.fetch_add(d.packet_bytes, Relaxed);
-        self.sent.notify_one();
-        let now = Instant::now();
-        self.bundler
-            .put_latency(d.dest, now.saturating_duration_since(d.started), now);
-        schedule.prune(now);
-        if schedule.put_succeeded(d.dest, d.started, now) {
-            let store = self.store.clone();
-            let metrics = self.metrics.clone();
-            let key = bell_key(d.dest);
-            bells.spawn(async move {
-                // The key just written: a hint naming the new stream (the receiver trusts only
-                // the key's shape; IAM makes sure only its sender could have written it). Every
-                // ring names another seq, so the bell's ETag changes.
-                let body = Bytes::from(d.key);
-                match store.put(&key, body).await {
-                    Ok(()) => {
-                        metrics.bells_rung.fetch_add(1, Relaxed);
-                    }
-                    Err(e) => tracing::warn!(error = %e, "ringing the doorbell failed"),
+    fn put_finished(&mut self, done: PutDone) {
+        let ok = done.result.is_ok();
+        match self.outbox.put_done(done.id, ok, clock::now()) {
+            Some(Outcome::Sent {
+                packets,
+                packet_bytes,
+            }) => {
+                self.metrics
+                    .egress_packets
+                    .fetch_add(u64::from(packets), Relaxed);
+                self.metrics.egress_bytes.fetch_add(packet_bytes, Relaxed);
+                self.sent.notify_one();
+            }
+            Some(Outcome::Dropped { packets }) => {
+                if let Err(e) = &done.result {
+                    tracing::warn!(error = %e, "skip marker PUT failed");
                 }
-            });
+                self.metrics
+                    .dropped(DropReason::PutFailed, u64::from(packets));
+            }
+            None => {
+                if let Err(e) = &done.result {
+                    tracing::warn!(error = %e, "bundle PUT failed after retries; its packets are dropped");
+                }
+            }
         }
     }
 
     /// Sends what is buffered and waits briefly for in-flight PUTs, so a clean stop loses little.
-    async fn drain(mut self, mut puts: JoinSet<PutDone>, mut bells: JoinSet<()>) {
-        self.bundler.seal_all();
-        let mut schedule = BellSchedule::default();
+    async fn drain(mut self) {
+        self.outbox.seal_all();
         let deadline = tokio::time::Instant::now() + DRAIN_GRACE;
         loop {
-            while let Some(s) = self.bundler.next_put(Instant::now()) {
-                self.spawn_put(&mut puts, s);
-            }
-            if puts.is_empty() {
+            self.perform_due(clock::now());
+            if self.puts.is_empty() {
                 break;
             }
-            match tokio::time::timeout_at(deadline, puts.join_next()).await {
-                Ok(Some(Ok(done))) => self.put_finished(done, &mut schedule, &mut bells),
+            match tokio::time::timeout_at(deadline, self.puts.join_next()).await {
+                Ok(Some(Ok(done))) => self.put_finished(done),
                 Ok(Some(Err(_))) => {}
                 Ok(None) | Err(_) => break,
             }
         }
         let _ = tokio::time::timeout_at(deadline, async {
-            while bells.join_next().await.is_some() {}
+            while self.bells.join_next().await.is_some() {}
         })
         .await;
-        puts.abort_all();
-        bells.abort_all();
+        self.puts.abort_all();
+        self.bells.abort_all();
     }
 }
 

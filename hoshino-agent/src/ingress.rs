@@ -17,9 +17,9 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
-use tun_rs::AsyncDevice;
 
 use crate::bundle::{self, BundleError, MAX_BUNDLE_BYTES, NetworkKey};
+use crate::clock;
 use crate::cursor::{Cursor, CursorFile};
 use crate::deletes::DeleteQueue;
 use crate::egress::sleep_until;
@@ -27,9 +27,10 @@ use crate::heartbeat::{Heartbeat, HeartbeatConfig, Poll};
 use crate::mailbox::{BundleKey, bell_key, inbox_prefix, parse_bundle_key};
 use crate::metrics::{DropReason, Metrics};
 use crate::node_addr::{NodeAddr, NodeId};
+use crate::packet_io::PacketIo;
 use crate::probe::ProbeSchedule;
 use crate::reorder::{Offer, Reorder, ReorderConfig, SeenKeys, StreamId};
-use crate::s3::{Listing, Lookup, S3Error, Store};
+use crate::store::{Listing, Lookup, S3Error, Store};
 
 /// GETs in flight at once (probes and listed keys together).
 const GET_CONCURRENCY: usize = 16;
@@ -74,9 +75,9 @@ pub struct Received {
     packets: Vec<Range<usize>>,
 }
 
-pub struct Ingress {
-    pub tun: Arc<AsyncDevice>,
-    pub store: Store,
+pub struct Ingress<S, T> {
+    pub tun: Arc<T>,
+    pub store: S,
     pub me: NodeAddr,
     pub metrics: Arc<Metrics>,
     pub key: Option<NetworkKey>,
@@ -150,9 +151,9 @@ fn unix_now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-impl Ingress {
+impl<S: Store, T: PacketIo> Ingress<S, T> {
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
-        let now = Instant::now();
+        let now = clock::now();
         let (tun_queue, tun_rx) = mpsc::unbounded_channel();
         let tun_backlog = Arc::new(AtomicUsize::new(0));
         let writer = tokio::spawn(write_tun(
@@ -202,7 +203,7 @@ impl Ingress {
         }
         let mut out = Vec::new();
         loop {
-            let now = Instant::now();
+            let now = clock::now();
             st.reorder.expire(now, &mut out);
             self.deliver(&mut st, &mut out);
             self.spawn_deletes(&mut st, now);
@@ -254,7 +255,7 @@ impl Ingress {
                 _ = self.sent.notified() => {
                     // We just sent something: a reply is likely, so look now rather than at
                     // the backed-off interval (idle or not).
-                    let now = Instant::now();
+                    let now = clock::now();
                     st.heartbeat.hurry(now);
                     st.probes.hurry();
                     st.expect_until = Some(now + EXPECT_REPLY);
@@ -308,7 +309,7 @@ impl Ingress {
                     // Read the hint: which stream rang, so it is probed at once.
                     self.check_bell(st, now);
                 }
-                st.heartbeat.bell_done(Instant::now(), changed);
+                st.heartbeat.bell_done(clock::now(), changed);
             }
         }
         self.metrics
@@ -326,7 +327,7 @@ impl Ingress {
             // Keep the old baseline: at worst the first idle HEAD wakes us once.
             Err(e) => self.warn(st, &e),
         }
-        self.start_list(st, Instant::now());
+        self.start_list(st, clock::now());
     }
 
     /// Starts a LIST round, continuing where the previous round stopped (a round follows at most
@@ -368,7 +369,7 @@ impl Ingress {
         else {
             return;
         };
-        let now = Instant::now();
+        let now = clock::now();
         let stream = StreamId {
             sender: hint.sender,
             session: hint.session,
@@ -423,7 +424,7 @@ impl Ingress {
             st.up = true;
             tracing::info!(address = %self.me, bucket = self.store.bucket(), "tunnel up");
         }
-        let now = Instant::now();
+        let now = clock::now();
         if st.list_pages == 1 && !st.round_resumed && !listing.truncated {
             let listed: HashSet<&str> = listing.objects.iter().map(|o| o.key.as_str()).collect();
             st.seen.retain_listed(&listed);
@@ -610,13 +611,13 @@ impl Ingress {
             Ok(None) => {
                 match lookup {
                     // Deleted meanwhile (by us earlier, or by the lifecycle rule).
-                    Lookup::Known => st.seen.insert(key, Instant::now()),
+                    Lookup::Known => st.seen.insert(key, clock::now()),
                     Lookup::Probe => st.probes.missed(
                         StreamId {
                             sender: parsed.sender,
                             session: parsed.session,
                         },
-                        Instant::now(),
+                        clock::now(),
                     ),
                 }
                 return;
@@ -644,7 +645,7 @@ impl Ingress {
             sender: parsed.sender,
             session: parsed.session,
         };
-        let now = Instant::now();
+        let now = clock::now();
         st.found = true;
         st.last_hit.insert(stream, now);
         st.probes.hit(stream);
@@ -727,7 +728,7 @@ impl Ingress {
             // Delivering anyway keeps the tunnel up; only a restart could now repeat these.
             tracing::warn!(error = %e, "persisting the delivery cursor failed");
         }
-        let now = Instant::now();
+        let now = clock::now();
         for r in out.iter() {
             st.deletes.push(r.key.clone(), now);
         }
@@ -760,7 +761,7 @@ impl Ingress {
 
     /// Marks `key` taken and queues its deletion.
     fn forget(&self, st: &mut State, key: String) {
-        let now = Instant::now();
+        let now = clock::now();
         st.seen.insert(key.clone(), now);
         if !st.deletes.push(key, now) {
             tracing::debug!("delete queue full; the key is deleted after a later LIST");
@@ -768,7 +769,7 @@ impl Ingress {
     }
 
     fn warn(&self, st: &mut State, e: &S3Error) {
-        let now = Instant::now();
+        let now = clock::now();
         if st
             .last_warn
             .is_none_or(|t| now.saturating_duration_since(t) >= WARN_EVERY)
@@ -784,7 +785,7 @@ impl Ingress {
         st.lists.abort_all();
         st.bells.abort_all();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-        let far = Instant::now() + Duration::from_secs(3600);
+        let far = clock::now() + Duration::from_secs(3600);
         let _ = tokio::time::timeout_at(deadline, async {
             loop {
                 self.spawn_deletes(&mut st, far);
@@ -804,8 +805,8 @@ impl Ingress {
 
 /// Writes delivered bundles' packets to the TUN, dropping any whose addresses are not
 /// sender -> us. Runs apart from the poll loop, so a slow TUN never delays a GET or probe.
-async fn write_tun(
-    tun: Arc<AsyncDevice>,
+async fn write_tun<T: PacketIo>(
+    tun: Arc<T>,
     me: NodeAddr,
     metrics: Arc<Metrics>,
     mut rx: mpsc::UnboundedReceiver<Vec<Received>>,

@@ -49,7 +49,7 @@ impl S3Op {
         }
     }
 
-    fn index(self) -> usize {
+    pub fn index(self) -> usize {
         self as usize
     }
 }

@@ -4,7 +4,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use aws_sdk_s3::Client;
 use aws_sdk_s3::config::retry::RetryConfig;
@@ -20,11 +20,8 @@ use bytes::{Bytes, BytesMut};
 
 use crate::metrics::{Metrics, S3Op};
 
-/// Attempts per call: with backoff from 25 ms doubling to 1 s, 12 attempts ride out an outage of
-/// about 6.5 s before a call fails.
-pub const DEFAULT_MAX_ATTEMPTS: u32 = 12;
-const INITIAL_BACKOFF: Duration = Duration::from_millis(25);
-const MAX_BACKOFF: Duration = Duration::from_secs(1);
+pub use crate::retry::DEFAULT_MAX_ATTEMPTS;
+use crate::retry::RetryPolicy;
 
 #[derive(Debug, Clone)]
 pub struct S3Settings {
@@ -90,7 +87,8 @@ impl S3Error {
         }
     }
 
-    fn retryable(&self) -> bool {
+    /// 5xx, throttling, timeouts and transport errors: worth another attempt.
+    pub fn retryable(&self) -> bool {
         matches!(
             self,
             S3Error::Request {
@@ -155,17 +153,15 @@ pub struct Listing {
     pub next: Option<String>,
 }
 
-/// The bucket, as the mailbox uses it.
+/// The bucket over the AWS SDK: the production `Store`.
 #[derive(Clone, Debug)]
-pub struct Store {
+pub struct S3Store {
     client: Client,
     bucket: String,
     metrics: Arc<Metrics>,
-    max_attempts: u32,
+    retry: RetryPolicy,
     /// Every GET body read is bounded by this, so a stalled body cannot hold a GET for ever.
     body_timeout: Duration,
-    /// Whole call, retries included.
-    operation_timeout: Duration,
 }
 
 /// Builds a client from the standard AWS chain (env, profile, instance role) and the flags.
@@ -196,7 +192,7 @@ pub fn configure(
         // Default checksums (CRC32 trailers) break several non-AWS servers.
         .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
         .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
-        // `Store` retries itself (see `Store::attempts`), so that each attempt is counted as
+        // `S3Store` retries itself (see `retry::attempts`), so that each attempt is counted as
         // the request AWS bills; the SDK makes exactly one.
         .retry_config(RetryConfig::disabled())
         .timeout_config(
@@ -232,19 +228,21 @@ fn absent_status(status: u16) -> bool {
     status == 404 || status == 403
 }
 
-impl Store {
-    pub fn new(client: Client, bucket: impl Into<String>, metrics: Arc<Metrics>) -> Store {
-        Store::with_settings(client, &S3Settings::new(bucket), metrics)
+impl S3Store {
+    pub fn new(client: Client, bucket: impl Into<String>, metrics: Arc<Metrics>) -> S3Store {
+        S3Store::with_settings(client, &S3Settings::new(bucket), metrics)
     }
 
-    pub fn with_settings(client: Client, settings: &S3Settings, metrics: Arc<Metrics>) -> Store {
-        Store {
+    pub fn with_settings(client: Client, settings: &S3Settings, metrics: Arc<Metrics>) -> S3Store {
+        S3Store {
             client,
             bucket: settings.bucket.clone(),
             metrics,
-            max_attempts: settings.max_attempts.max(1),
+            retry: RetryPolicy {
+                max_attempts: settings.max_attempts.max(1),
+                operation_timeout: settings.operation_timeout,
+            },
             body_timeout: settings.attempt_timeout,
-            operation_timeout: settings.operation_timeout,
         }
     }
 
@@ -252,36 +250,13 @@ impl Store {
         &self.bucket
     }
 
-    /// Runs `attempt` until it succeeds, fails for good, or `max_attempts` / the operation
-    /// timeout are spent, with jittered exponential backoff between attempts. Each attempt is
-    /// timed and counted (an error counts as an error only if the attempt failed).
-    async fn attempts<T, F, Fut>(&self, op: S3Op, mut attempt: F) -> Result<T, S3Error>
+    /// One call through the shared retry loop (see `retry::attempts`), with `rand` jitter.
+    async fn attempts<T, F, Fut>(&self, op: S3Op, attempt: F) -> Result<T, S3Error>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, S3Error>>,
     {
-        let call_started = Instant::now();
-        let mut backoff = INITIAL_BACKOFF;
-        let mut n = 0;
-        loop {
-            n += 1;
-            let started = Instant::now();
-            let r = attempt().await;
-            self.metrics.s3_request(op, started.elapsed(), r.is_ok());
-            match r {
-                Err(e) if e.retryable() && n < self.max_attempts => {
-                    // Full jitter keeps many nodes from retrying in lockstep after an outage.
-                    let wait = backoff.mul_f64(0.5 + rand::random::<f64>() / 2.0);
-                    if call_started.elapsed() + wait >= self.operation_timeout {
-                        return Err(e);
-                    }
-                    tracing::debug!(error = %e, attempt = n, "S3 attempt failed; retrying");
-                    tokio::time::sleep(wait).await;
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
-                }
-                r => return r,
-            }
-        }
+        crate::retry::attempts(&self.retry, &self.metrics, op, rand::random::<f64>, attempt).await
     }
 
     pub async fn put(&self, key: &str, body: Bytes) -> Result<(), S3Error> {
@@ -595,3 +570,37 @@ impl Store {
 
 /// DeleteObjects takes at most this many keys.
 pub const MAX_DELETE_BATCH: usize = 1000;
+
+impl crate::store::Store for S3Store {
+    fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
+    async fn put(&self, key: &str, body: Bytes) -> Result<(), S3Error> {
+        S3Store::put(self, key, body).await
+    }
+
+    async fn get(&self, key: &str, limit: usize, lookup: Lookup) -> Result<Option<Bytes>, S3Error> {
+        S3Store::get(self, key, limit, lookup).await
+    }
+
+    async fn get_tagged(
+        &self,
+        key: &str,
+        limit: usize,
+    ) -> Result<Option<(String, Bytes)>, S3Error> {
+        S3Store::get_tagged(self, key, limit).await
+    }
+
+    async fn head(&self, key: &str) -> Result<Option<String>, S3Error> {
+        S3Store::head(self, key).await
+    }
+
+    async fn list(&self, prefix: &str, continuation: Option<&str>) -> Result<Listing, S3Error> {
+        S3Store::list(self, prefix, continuation).await
+    }
+
+    async fn delete_many(&self, keys: &[String]) -> Result<Vec<String>, S3Error> {
+        S3Store::delete_many(self, keys).await
+    }
+}

@@ -24,7 +24,7 @@ use crate::ingress::Ingress;
 use crate::metrics::Metrics;
 use crate::netlink::{LinkConfig, Netlink, NetlinkError};
 use crate::node_addr::{NetworkPrefix, NodeAddr, NodeAddrError, NodeId};
-use crate::s3::{S3Settings, Store};
+use crate::s3::{S3Settings, S3Store};
 use crate::tun_device::{self, TunError};
 
 /// Smallest MTU IPv6 allows.
@@ -247,7 +247,7 @@ impl Tunnel {
         }
         tracing::info!(tun = %link.link, address = %addr, mtu = config.mtu, "TUN configured");
         let client = crate::s3::client(&config.s3).await;
-        let store = Store::with_settings(client, &config.s3, metrics.clone());
+        let store = S3Store::with_settings(client, &config.s3, metrics.clone());
         let session = rand_session();
         let (shutdown, rx) = watch::channel(false);
         let sent = Arc::new(tokio::sync::Notify::new());

@@ -1,4 +1,4 @@
-//! `s3::Store` against a real S3 API over HTTP: s3s-fs in-process on loopback, with a fault
+//! `s3::S3Store` against a real S3 API over HTTP: s3s-fs in-process on loopback, with a fault
 //! injector answering the first requests with 503 SlowDown.
 
 use std::sync::Arc;
@@ -8,7 +8,7 @@ use std::time::Duration;
 use aws_sdk_s3::config::{Credentials, Region};
 use bytes::Bytes;
 use hoshino_agent::metrics::{Metrics, S3Op};
-use hoshino_agent::s3::{Lookup, S3Error, S3Settings, Store, configure};
+use hoshino_agent::s3::{Lookup, S3Error, S3Settings, S3Store as Store, configure};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder as ConnBuilder;

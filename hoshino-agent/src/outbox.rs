@@ -1,0 +1,298 @@
+//! The send side of the tunnel as a sans-IO state machine (as quinn-proto's connection): packets
+//! and PUT completions go in with `now`, actions come out (PUT this body under this key, ring
+//! this bell). It owns the `Bundler` (batching, pacing) and the `BellSchedule`, and decides the
+//! skip marker after a PUT the store gave up on. `egress.rs` only performs the actions.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Instant;
+
+use bytes::Bytes;
+
+use crate::bundler::{Bundler, BundlerError, Sealed};
+use crate::mailbox::{BellSchedule, BundleKey, bell_key};
+use crate::node_addr::NodeId;
+
+/// Names one PUT the driver performs; its completion is reported with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PutId(u64);
+
+/// What the driver must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// PUT `body` under `key`, then report `put_done(id, ok)`.
+    Put { id: PutId, key: String, body: Bytes },
+    /// PUT `body` (the key just written: a hint naming the stream) to a destination's bell;
+    /// no completion is reported.
+    Ring { key: String, body: Bytes },
+}
+
+/// What a finished PUT means for the counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The bundle is in the destination's inbox.
+    Sent { packets: u32, packet_bytes: u64 },
+    /// The bundle was given up; its skip marker was written (or tried) under the same key.
+    Dropped { packets: u32 },
+}
+
+#[derive(Debug)]
+struct InFlight {
+    dest: NodeId,
+    key: String,
+    body_len: usize,
+    packets: u32,
+    packet_bytes: u64,
+    started: Instant,
+    /// The skip marker to write if the bundle's PUT fails; `None` once it is being written.
+    skip: Option<Bytes>,
+}
+
+#[derive(Debug)]
+pub struct Outbox {
+    bundler: Bundler,
+    bells: BellSchedule,
+    me: NodeId,
+    in_flight: HashMap<PutId, InFlight>,
+    /// Actions decided on a completion, handed out by the next `poll`.
+    queued: VecDeque<Action>,
+    next_id: u64,
+}
+
+impl Outbox {
+    pub fn new(bundler: Bundler, me: NodeId) -> Outbox {
+        Outbox {
+            bundler,
+            bells: BellSchedule::default(),
+            me,
+            in_flight: HashMap::new(),
+            queued: VecDeque::new(),
+            next_id: 0,
+        }
+    }
+
+    /// A packet for `dest` (already classified).
+    pub fn packet(
+        &mut self,
+        dest: NodeId,
+        packet: &[u8],
+        now: Instant,
+    ) -> Result<(), BundlerError> {
+        self.bundler.push(dest, packet, now)
+    }
+
+    /// The next action due at `now`, if any.
+    pub fn poll(&mut self, now: Instant) -> Option<Action> {
+        if let Some(a) = self.queued.pop_front() {
+            return Some(a);
+        }
+        let sealed = self.bundler.next_put(now)?;
+        Some(self.start_put(sealed, now))
+    }
+
+    fn start_put(&mut self, s: Sealed, now: Instant) -> Action {
+        let key = BundleKey {
+            dest: s.dest,
+            session: self.bundler.session(),
+            seq: s.seq,
+            sender: self.me,
+        }
+        .to_key();
+        let skip = Bytes::from(self.bundler.skip_marker(s.dest, s.seq));
+        let id = PutId(self.next_id);
+        self.next_id += 1;
+        self.in_flight.insert(
+            id,
+            InFlight {
+                dest: s.dest,
+                key: key.clone(),
+                body_len: s.body.len(),
+                packets: s.packets,
+                packet_bytes: s.packet_bytes,
+                started: now,
+                skip: Some(skip),
+            },
+        );
+        Action::Put {
+            id,
+            key,
+            body: Bytes::from(s.body),
+        }
+    }
+
+    /// A PUT finished. A failed bundle PUT (the store's retries are spent) is followed by its
+    /// skip marker under the same key, so the receiver moves on at once; if even that fails the
+    /// receiver's gap timeout is the safety net. Returns `None` for an unknown id and while the
+    /// skip marker is still to be written.
+    pub fn put_done(&mut self, id: PutId, ok: bool, now: Instant) -> Option<Outcome> {
+        let put = self.in_flight.get_mut(&id)?;
+        if !ok && let Some(skip) = put.skip.take() {
+            self.queued.push_back(Action::Put {
+                id,
+                key: put.key.clone(),
+                body: skip,
+            });
+            return None;
+        }
+        let put = self.in_flight.remove(&id)?;
+        self.bundler.put_done(put.dest, put.body_len);
+        if put.skip.is_none() {
+            // This was the skip marker (whatever its result): the bundle is dropped.
+            return Some(Outcome::Dropped {
+                packets: put.packets,
+            });
+        }
+        self.bundler
+            .put_latency(put.dest, now.saturating_duration_since(put.started), now);
+        self.bells.prune(now);
+        if self.bells.put_succeeded(put.dest, put.started, now) {
+            // Every ring names another seq, so the bell's ETag changes.
+            self.queued.push_back(Action::Ring {
+                key: bell_key(put.dest),
+                body: Bytes::from(put.key),
+            });
+        }
+        Some(Outcome::Sent {
+            packets: put.packets,
+            packet_bytes: put.packet_bytes,
+        })
+    }
+
+    /// When `poll` next has something without a new event (a bundle reaches its age).
+    /// (The driver drains `poll` before it waits, so queued actions never need a deadline.)
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.bundler.next_deadline()
+    }
+
+    /// Shutdown: seal every open bundle so `poll` hands them all out, and let each
+    /// destination's first bundle from here ring again, so its receiver finds the last
+    /// bundles at once.
+    pub fn seal_all(&mut self) {
+        self.bundler.seal_all();
+        self.bells = BellSchedule::default();
+    }
+
+    pub fn buffered_bytes(&self) -> usize {
+        self.bundler.buffered_bytes()
+    }
+
+    pub fn puts_in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bundle::decode;
+    use crate::bundler::BundlerConfig;
+    use std::time::Duration;
+
+    const ME: NodeId = NodeId(1);
+    const DEST: NodeId = NodeId(2);
+    const SESSION: u64 = 77;
+
+    fn pkt(n: usize) -> Vec<u8> {
+        let mut p = vec![0u8; 40 + n];
+        p[0] = 0x60;
+        p[4..6].copy_from_slice(&(n as u16).to_be_bytes());
+        p
+    }
+
+    fn outbox() -> Outbox {
+        Outbox::new(
+            Bundler::new(BundlerConfig::default(), ME, SESSION, None),
+            ME,
+        )
+    }
+
+    fn key(seq: u64) -> String {
+        BundleKey {
+            dest: DEST,
+            session: SESSION,
+            seq,
+            sender: ME,
+        }
+        .to_key()
+    }
+
+    /// Pushes one packet and returns the PUT action it becomes.
+    fn put_one(o: &mut Outbox, t: Instant) -> (PutId, String, Bytes) {
+        o.packet(DEST, &pkt(10), t).unwrap();
+        match o.poll(t) {
+            Some(Action::Put { id, key, body }) => (id, key, body),
+            other => panic!("expected a PUT, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_bundle_is_put_under_the_streams_predictable_key() {
+        let mut o = outbox();
+        let t = Instant::now();
+        let (_, k0, body) = put_one(&mut o, t);
+        assert_eq!(k0, key(0));
+        assert_eq!(decode(&body, None).unwrap().header.seq, 0);
+        assert_eq!(o.poll(t), None);
+    }
+
+    #[test]
+    fn the_first_successful_put_rings_the_bell_naming_its_key_and_the_next_does_not() {
+        let mut o = outbox();
+        let t = Instant::now();
+        let (id, k0, _) = put_one(&mut o, t);
+        let done = t + Duration::from_millis(20);
+        assert_eq!(
+            o.put_done(id, true, done),
+            Some(Outcome::Sent {
+                packets: 1,
+                packet_bytes: 50
+            })
+        );
+        assert_eq!(
+            o.poll(done),
+            Some(Action::Ring {
+                key: bell_key(DEST),
+                body: Bytes::from(k0)
+            })
+        );
+        let later = done + Duration::from_secs(1);
+        let (id, k1, _) = put_one(&mut o, later);
+        assert_eq!(k1, key(1));
+        assert!(matches!(
+            o.put_done(id, true, later),
+            Some(Outcome::Sent { .. })
+        ));
+        assert_eq!(o.poll(later), None, "rang again within the ring window");
+    }
+
+    #[test]
+    fn a_failed_put_is_followed_by_its_skip_marker_under_the_same_key_and_then_dropped() {
+        let mut o = outbox();
+        let t = Instant::now();
+        let (id, k0, _) = put_one(&mut o, t);
+        assert_eq!(o.put_done(id, false, t), None);
+        let Some(Action::Put {
+            id: skip_id,
+            key,
+            body,
+        }) = o.poll(t)
+        else {
+            panic!("expected the skip marker's PUT");
+        };
+        assert_eq!((skip_id, key), (id, k0));
+        let marker = decode(&body, None).unwrap();
+        assert_eq!(marker.header.seq, 0);
+        assert!(marker.is_skip());
+        assert_eq!(
+            o.put_done(id, false, t),
+            Some(Outcome::Dropped { packets: 1 })
+        );
+        assert_eq!(o.poll(t), None, "a dropped bundle rings no bell");
+        assert_eq!(o.puts_in_flight(), 0);
+    }
+
+    #[test]
+    fn an_unknown_put_id_changes_nothing() {
+        let mut o = outbox();
+        assert_eq!(o.put_done(PutId(9), true, Instant::now()), None);
+    }
+}
