@@ -5,7 +5,7 @@ use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 /// Refusal reasons (the `reason` label); each refusal counts under exactly one.
-pub const REFUSAL_REASONS: [&str; 20] = [
+pub const REFUSAL_REASONS: [&str; 21] = [
     "target_not_origin_form",
     "target_too_long",
     "target_fragment",
@@ -25,6 +25,7 @@ pub const REFUSAL_REASONS: [&str; 20] = [
     "table_full",
     "uid_cap",
     "timeout",
+    "tuple_mismatch",
     "other",
 ];
 

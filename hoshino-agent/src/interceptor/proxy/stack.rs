@@ -17,7 +17,7 @@ use hoshino_common::FlowKey;
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{self, DeviceCapabilities, Medium};
 use smoltcp::socket::tcp;
-use smoltcp::wire::{HardwareAddress, IpCidr, IpListenEndpoint};
+use smoltcp::wire::{HardwareAddress, IpAddress, IpCidr, IpListenEndpoint};
 use tokio::sync::mpsc;
 
 use super::ProxyStats;
@@ -322,6 +322,15 @@ impl ProxyStack {
         let mut buf = vec![0u8; RX_BUFFER];
         for (&handle, c) in self.connections.iter_mut() {
             let socket = self.sockets.get_mut::<tcp::Socket>(handle);
+            // Every socket listens on the shared service address, so smoltcp hands a SYN to
+            // whichever of them is in LISTEN: one whose own SYN never came, or one an RST sent
+            // back from SYN-RECEIVED to LISTEN. A connection accepted on another tuple's socket
+            // would be judged with that tuple's uid and rule; it is aborted before a byte of it
+            // is read.
+            if !c.abort && !socket_matches(socket, &c.tuple) {
+                self.stats.refused("tuple_mismatch");
+                c.abort = true;
+            }
             if !c.abort && !c.conversation.is_done() && c.conversation.expired(now) {
                 self.stats.refused("timeout");
                 c.abort = true;
@@ -487,6 +496,17 @@ impl ProxyStats {
             self.refused(reason);
         }
     }
+}
+
+/// Whether the peer and local endpoints of `socket` (once it has them) are those of `tuple`.
+fn socket_matches(socket: &tcp::Socket, tuple: &FlowTuple) -> bool {
+    let remote_ok = socket
+        .remote_endpoint()
+        .is_none_or(|ep| ep.addr == IpAddress::from(tuple.src) && ep.port == tuple.src_port);
+    let local_ok = socket
+        .local_endpoint()
+        .is_none_or(|ep| ep.addr == IpAddress::from(tuple.dst) && ep.port == tuple.dst_port);
+    remote_ok && local_ok
 }
 
 #[cfg(test)]

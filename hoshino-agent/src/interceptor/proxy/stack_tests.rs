@@ -250,3 +250,49 @@ async fn an_allowed_request_is_rebuilt_sent_upstream_and_the_answer_relayed() {
     );
     assert_eq!(s.stats.allowed.load(Relaxed), 1);
 }
+
+/// A rule that allows everything, as a more privileged uid's rule might.
+fn allow_all() -> DivertRule {
+    DivertRule {
+        name: "imds-trusted".into(),
+        http: Arc::new(HttpPolicy {
+            requests: vec![],
+            default: HttpAction::Allow,
+        }),
+    }
+}
+
+#[tokio::test]
+async fn a_syn_taken_by_another_tuples_listening_socket_is_aborted_unread() {
+    let mut s = stack();
+    let now = Instant::now();
+    // A trusted client's connection is opened, but its SYN never reaches the stack (or an RST
+    // sent its socket back to LISTEN): that socket listens on the service address.
+    let trusted = client(40020);
+    s.open(trusted.tuple(), 0, allow_all(), now)
+        .expect("admitted");
+    // Another client's SYN: smoltcp may hand it to the trusted socket.
+    let mut other = client(40021);
+    s.open(other.tuple(), 1000, rule(), now).expect("admitted");
+    s.push(other.segment(true, &[]));
+    let out = Client::read(&s.poll(now).packets);
+    if let Some(synack) = out.iter().find(|p| p.syn) {
+        other.seq += 1;
+        other.ack = synack.seq.wrapping_add(1);
+    }
+    s.push(other.segment(false, &[]));
+    let request = b"GET /latest/meta-data/iam/security-credentials/ HTTP/1.1\r\n\r\n";
+    s.push(other.segment(false, request));
+    let out = Client::read(&s.poll(now).packets);
+    assert_eq!(
+        s.stats.refusals("tuple_mismatch"),
+        1,
+        "the socket that accepted another tuple was not aborted"
+    );
+    assert!(out.iter().all(|p| p.payload.is_empty()), "{out:?}");
+    assert_eq!(
+        s.stats.allowed.load(Relaxed),
+        0,
+        "a request was judged under the trusted rule"
+    );
+}
