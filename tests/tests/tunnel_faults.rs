@@ -101,14 +101,22 @@ fn receiver_restarted_mid_transfer_delivers_nothing_twice(stop: Stop) {
         "{stop:?}: every datagram sent after the restart arrives\n{}",
         logs(&net)
     );
-    // The first burst waited in the bucket while the agent was down; only bundles handed to the
-    // TUN at the moment of the kill may be lost.
+    // The first burst waited in the bucket while the agent was down: nothing of it may be left
+    // there (stranded) after the restart.
+    let inbox = format!("v2/inbox/{}/", net.node(2).expect("node 2").node_id);
+    wait_inbox_empty(&net, &inbox, Duration::from_secs(60));
+    // Delivery is at most once per bundle: what the cursor recorded but the TUN writer had not
+    // yet written when the process died is lost. After SIGTERM nothing is; after kill -9 that
+    // can be one whole bundle, and one bundle (up to 4 MiB) may hold most of the burst, so no
+    // count is asserted there.
     let before = seqs.len() - after.len();
-    assert!(
-        before >= 900,
-        "{stop:?}: only {before} of the first 1000 arrived\n{}",
-        logs(&net)
-    );
+    if matches!(stop, Stop::Term) {
+        assert!(
+            before >= 900,
+            "{stop:?}: only {before} of the first 1000 arrived\n{}",
+            logs(&net)
+        );
+    }
 }
 
 #[test]
