@@ -14,10 +14,10 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
 
-use crate::bundler::BundlerConfig;
-use crate::heartbeat::HeartbeatConfig;
+use crate::edge::s3::S3Settings;
 use crate::node_addr::{DEFAULT_PREFIX, NetworkPrefix};
-use crate::s3::S3Settings;
+use crate::tunnel::bundler::BundlerConfig;
+use crate::tunnel::heartbeat::HeartbeatConfig;
 use crate::tunnel::{DEFAULT_MTU, TunnelConfig};
 
 pub const DEFAULT_TUN_NAME: &str = "hoshino0";
@@ -449,7 +449,7 @@ impl TunnelArgs {
             ingress_budget_bytes: self
                 .ingress_budget_bytes
                 .or(file.ingress_budget_bytes)
-                .unwrap_or(crate::ingress::DEFAULT_BUDGET_BYTES),
+                .unwrap_or(crate::tunnel::ingress::DEFAULT_BUDGET_BYTES),
         })
     }
 }

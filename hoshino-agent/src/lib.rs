@@ -1,39 +1,28 @@
 //! Hoshino agent library: the sans-IO core and the I/O edges of the tunnel and interceptor.
 //!
-//! Sans-IO core (no clock, network or kernel; time is passed in): `node_addr`, `bundle`,
-//! `mailbox` (the key schedule), `heartbeat`, `probe`, `reorder`, `cursor`, `deletes`, `bundler`,
-//! `outbox` (the send side as a state machine: packets and PUT results in, PUT/ring actions out),
-//! `metrics`, `policy`.
-//! I/O edges: `tun_device`, `netlink`, `s3`, `metrics_http`, `egress`, `ingress`, `tunnel`,
-//! `interceptor`. The edges the tunnel loops use are traits with doubles: `store::Store` (the
-//! bucket: `s3::S3Store`, `memory_store`, `fault_store`, `retry::RetryingStore`) and
-//! `packet_io::PacketIo` (the TUN, or channels); `clock` is the loops' (tokio, pausable) clock.
+//! Where a packet goes, by module:
+//! - `tunnel/`: the data path. The send side (`outbox`, `bundler`) and the receive side (`inbox`
+//!   decisions, `reorder`, `cursor`, `deletes`, `probe`, `heartbeat`) are sans-IO state machines
+//!   (time passed in); `egress` and `ingress` drive them against a `Store` and a `PacketIo`;
+//!   `tunnel` (this module's root) wires it all and takes it down again.
+//! - `wire/`: what is written to the bucket: the bundle codec (`bundle`) and the key schedule
+//!   (`mailbox`). Sans-IO.
+//! - `store/`: the bucket as a trait (`Store`) with its doubles (`memory_store`, `fault_store`) and
+//!   the retry loop every request goes through (`retry`).
+//! - `edge/`: the I/O edges: S3 (`s3`), the TUN (`tun_device`, `packet_io`), netlink, the metrics
+//!   listener, the loops' clock.
+//! - `policy/` (sans-IO parser and compiler) and `interceptor/` (the classifier, its maps, divert
+//!   and the metadata proxy).
+//! - `metrics`: every counter, rendered as Prometheus text. `node_addr`: addresses from
+//!   machine-id.
 
-pub mod bundle;
-pub mod bundler;
-pub mod clock;
-pub mod cursor;
-pub mod deletes;
-pub mod heartbeat;
-pub mod mailbox;
-pub mod memory_store;
+pub mod edge;
 pub mod metrics;
 pub mod node_addr;
-pub mod outbox;
 pub mod policy;
-pub mod probe;
-pub mod reorder;
+pub mod store;
+pub mod tunnel;
+pub mod wire;
 
 pub mod cli;
-pub mod egress;
-pub mod fault_store;
-pub mod ingress;
 pub mod interceptor;
-pub mod metrics_http;
-pub mod netlink;
-pub mod packet_io;
-pub mod retry;
-pub mod s3;
-pub mod store;
-pub mod tun_device;
-pub mod tunnel;

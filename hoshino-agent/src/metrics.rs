@@ -565,8 +565,8 @@ mod tests {
 
     #[test]
     fn every_bundle_error_reason_has_a_label() {
-        use crate::bundle::BundleError;
         use crate::node_addr::NodeId;
+        use crate::wire::bundle::BundleError;
         for e in [
             BundleError::Oversized(0),
             BundleError::BadMagic([0; 4]),

@@ -506,7 +506,7 @@ fn clsact_filter_classifies_real_traffic_and_is_removed_on_detach() {
             .build()
             .unwrap();
         runtime.block_on(async {
-            let netlink = hoshino_agent::netlink::Netlink::connect().unwrap();
+            let netlink = hoshino_agent::edge::netlink::Netlink::connect().unwrap();
             let ifindex = netlink.link_index("va").await.unwrap().unwrap();
             netlink.remove_clsact("va", ifindex).await.unwrap();
         });

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use aws_sdk_s3::config::{Credentials, Region};
 use bytes::Bytes;
+use hoshino_agent::edge::s3::{Lookup, S3Error, S3Settings, S3Store as Store, configure};
 use hoshino_agent::metrics::{Metrics, S3Op};
-use hoshino_agent::s3::{Lookup, S3Error, S3Settings, S3Store as Store, configure};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder as ConnBuilder;

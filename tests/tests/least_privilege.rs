@@ -166,7 +166,7 @@ fn bell(node: &str) -> String {
 /// The sender that receiver `us` reads from a bundle key, per the fixed key contract
 /// (DESIGN.md "Mailbox keys"): exactly `v2/inbox/<us:16hex>/<session:16hex>-<seq:16hex>.<src:16hex>`,
 /// lowercase hex, sender = the 16 hex digits after the final `.`.
-// TODO(merge): replace with `hoshino_agent::mailbox::parse_bundle_key(key, us).ok().map(|k| k.sender)`
+// TODO(merge): replace with `hoshino_agent::wire::mailbox::parse_bundle_key(key, us).ok().map(|k| k.sender)`
 // once the tunnel branch's parser lands; this local copy implements the same contract.
 fn parsed_sender(key: &str, us: &str) -> Option<String> {
     fn hex16(s: &str) -> bool {

@@ -33,7 +33,7 @@ pub const DEFAULT_REINJECT_MARK: u32 = 0x6873_6e6f;
 const COUNTERS_EVERY: Duration = Duration::from_secs(1);
 /// The divert TUN's transmit queue, in packets: the classifier redirects bursts into it faster
 /// than the agent reads them (the kernel default, 500, overflowed); as for the tunnel TUN.
-pub const DIVERT_TX_QUEUE_LEN: u32 = crate::netlink::TX_QUEUE_LEN;
+pub const DIVERT_TX_QUEUE_LEN: u32 = crate::edge::netlink::TX_QUEUE_LEN;
 
 /// `hoshino-agent attach --interface IF --policy FILE [TUNNEL FLAGS]`.
 #[derive(Debug, Clone, Args)]
@@ -108,7 +108,7 @@ pub enum AttachError {
     #[error("cannot install the SIGHUP handler: {0}")]
     Signal(#[source] std::io::Error),
     #[error(transparent)]
-    Netlink(crate::netlink::NetlinkError),
+    Netlink(crate::edge::netlink::NetlinkError),
 }
 
 impl AttachError {
@@ -200,10 +200,10 @@ pub async fn run(
             let listen = args.tunnel.metrics_listen.or(from_file);
             let task = match listen {
                 Some(addr) => {
-                    let listener = crate::metrics_http::bind(addr)
+                    let listener = crate::edge::metrics_http::bind(addr)
                         .await
                         .map_err(|e| AttachError::Metrics(e.to_string()))?;
-                    Some(tokio::spawn(crate::metrics_http::serve(
+                    Some(tokio::spawn(crate::edge::metrics_http::serve(
                         listener,
                         metrics.clone(),
                     )))
@@ -241,7 +241,7 @@ async fn intercept(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AttachError> {
     let divert_tun = Arc::new(DivertTun::create(&args.divert_tun)?);
-    let netlink = crate::netlink::Netlink::connect().map_err(AttachError::Netlink)?;
+    let netlink = crate::edge::netlink::Netlink::connect().map_err(AttachError::Netlink)?;
     netlink
         .set_tx_queue_len(divert_tun.name(), divert_tun.ifindex(), DIVERT_TX_QUEUE_LEN)
         .await

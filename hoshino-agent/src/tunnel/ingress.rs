@@ -18,19 +18,19 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
-use crate::bundle::{self, BundleError, MAX_BUNDLE_BYTES, NetworkKey};
-use crate::clock;
-use crate::cursor::{Cursor, CursorFile};
-use crate::deletes::DeleteQueue;
-use crate::egress::sleep_until;
-use crate::heartbeat::{Heartbeat, HeartbeatConfig, Poll};
-use crate::mailbox::{BundleKey, bell_key, inbox_prefix, parse_bundle_key};
+use crate::edge::clock;
+use crate::edge::packet_io::PacketIo;
 use crate::metrics::{DropReason, Metrics};
 use crate::node_addr::{NodeAddr, NodeId};
-use crate::packet_io::PacketIo;
-use crate::probe::ProbeSchedule;
-use crate::reorder::{Offer, Reorder, ReorderConfig, SeenKeys, StreamId};
 use crate::store::{Listing, Lookup, S3Error, Store};
+use crate::tunnel::cursor::{Cursor, CursorFile};
+use crate::tunnel::deletes::DeleteQueue;
+use crate::tunnel::egress::sleep_until;
+use crate::tunnel::heartbeat::{Heartbeat, HeartbeatConfig, Poll};
+use crate::tunnel::probe::ProbeSchedule;
+use crate::tunnel::reorder::{Offer, Reorder, ReorderConfig, SeenKeys, StreamId};
+use crate::wire::bundle::{self, BundleError, MAX_BUNDLE_BYTES, NetworkKey};
+use crate::wire::mailbox::{BundleKey, bell_key, inbox_prefix, parse_bundle_key};
 
 /// GETs in flight at once (probes and listed keys together).
 const GET_CONCURRENCY: usize = 16;
@@ -39,7 +39,7 @@ pub const LIST_EVERY: Duration = Duration::from_secs(1);
 /// LIST pages followed in one round when earlier pages hold no new work.
 const MAX_PAGES: usize = 20;
 /// A stream is probed while it found a bundle within this long.
-const PROBE_WHILE: Duration = crate::mailbox::IDLE_AFTER;
+const PROBE_WHILE: Duration = crate::wire::mailbox::IDLE_AFTER;
 /// A stream that found a bundle within this long is hot: it keeps `HOT_DEPTH` probes in flight.
 const HOT_WITHIN: Duration = Duration::from_millis(250);
 const HOT_DEPTH: u64 = 3;

@@ -8,9 +8,9 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use crate::bundler::{Bundler, BundlerError, Sealed};
-use crate::mailbox::{BellSchedule, BundleKey, bell_key};
 use crate::node_addr::NodeId;
+use crate::tunnel::bundler::{Bundler, BundlerError, Sealed};
+use crate::wire::mailbox::{BellSchedule, BundleKey, bell_key};
 
 /// Names one PUT the driver performs; its completion is reported with it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -183,8 +183,8 @@ impl Outbox {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bundle::decode;
-    use crate::bundler::BundlerConfig;
+    use crate::tunnel::bundler::BundlerConfig;
+    use crate::wire::bundle::decode;
     use std::time::Duration;
 
     const ME: NodeId = NodeId(1);

@@ -18,7 +18,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::mailbox::IDLE_AFTER;
+use crate::wire::mailbox::IDLE_AFTER;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HeartbeatConfig {

@@ -15,8 +15,8 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use crate::bundle::{BundleHeader, BundleWriter, HEADER_LEN, MAC_LEN, NetworkKey};
 use crate::node_addr::NodeId;
+use crate::wire::bundle::{BundleHeader, BundleWriter, HEADER_LEN, MAC_LEN, NetworkKey};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BundlerConfig {
@@ -294,7 +294,7 @@ impl Bundler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bundle::decode;
+    use crate::wire::bundle::decode;
 
     const ME: NodeId = NodeId(1);
     const D1: NodeId = NodeId(2);

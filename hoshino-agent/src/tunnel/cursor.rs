@@ -12,7 +12,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::node_addr::NodeId;
-use crate::reorder::StreamId;
+use crate::tunnel::reorder::StreamId;
 
 /// First line of the file; the format is versioned like everything else we parse.
 const MAGIC: &str = "hoshino-cursor v1";

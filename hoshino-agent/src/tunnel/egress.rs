@@ -13,13 +13,13 @@ use etherparse::Ipv6HeaderSlice;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use crate::bundler::Bundler;
-use crate::clock;
+use crate::edge::clock;
+use crate::edge::packet_io::PacketIo;
 use crate::metrics::{DropReason, IgnoreReason, Metrics};
 use crate::node_addr::{NodeAddr, NodeId};
-use crate::outbox::{Action, Outbox, Outcome, PutId};
-use crate::packet_io::PacketIo;
 use crate::store::{S3Error, Store};
+use crate::tunnel::bundler::Bundler;
+use crate::tunnel::outbox::{Action, Outbox, Outcome, PutId};
 
 /// Packets read per wake-up before the loop looks at flushes again.
 const READ_BATCH: usize = 256;

@@ -20,8 +20,8 @@ use bytes::{Bytes, BytesMut};
 
 use crate::metrics::{Metrics, S3Op};
 
-pub use crate::retry::DEFAULT_MAX_ATTEMPTS;
-use crate::retry::RetryPolicy;
+pub use crate::store::retry::DEFAULT_MAX_ATTEMPTS;
+use crate::store::retry::RetryPolicy;
 
 #[derive(Debug, Clone)]
 pub struct S3Settings {
@@ -256,7 +256,8 @@ impl S3Store {
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, S3Error>>,
     {
-        crate::retry::attempts(&self.retry, &self.metrics, op, rand::random::<f64>, attempt).await
+        crate::store::retry::attempts(&self.retry, &self.metrics, op, rand::random::<f64>, attempt)
+            .await
     }
 
     pub async fn put(&self, key: &str, body: Bytes) -> Result<(), S3Error> {

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::retry::SeededRng;
+use crate::store::retry::SeededRng;
 use crate::store::{Listing, Lookup, S3Error, Store};
 
 /// Per-request latency: `base + uniform(0, jitter)`, plus `tail` with probability `tail_p`.
@@ -285,8 +285,8 @@ impl<S: Store> Store for FaultyStore<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory_store::MemoryStore;
     use crate::metrics::S3Op;
+    use crate::store::memory_store::MemoryStore;
 
     fn faulty(seed: u64) -> FaultyStore<MemoryStore> {
         let faults = Faults {

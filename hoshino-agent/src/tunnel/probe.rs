@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use crate::reorder::StreamId;
+use crate::tunnel::reorder::StreamId;
 
 /// Gap after the first miss.
 pub const MIN_GAP: Duration = Duration::from_millis(5);

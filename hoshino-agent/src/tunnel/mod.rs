@@ -6,6 +6,16 @@
 //! the shared `Metrics`; `Tunnel::stop()` removes everything from the kernel. `run(config,
 //! shutdown)` does both around a shutdown future.
 
+pub mod bundler;
+pub mod cursor;
+pub mod deletes;
+pub mod egress;
+pub mod heartbeat;
+pub mod ingress;
+pub mod outbox;
+pub mod probe;
+pub mod reorder;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -15,17 +25,17 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::bundle::{MAX_BUNDLE_BYTES, NetworkKey};
-use crate::bundler::{Bundler, BundlerConfig};
-use crate::cursor::CursorFile;
-use crate::egress::Egress;
-use crate::heartbeat::HeartbeatConfig;
-use crate::ingress::Ingress;
+use crate::edge::netlink::{LinkConfig, Netlink, NetlinkError};
+use crate::edge::s3::{S3Settings, S3Store};
+use crate::edge::tun_device::{self, TunError};
 use crate::metrics::Metrics;
-use crate::netlink::{LinkConfig, Netlink, NetlinkError};
 use crate::node_addr::{NetworkPrefix, NodeAddr, NodeAddrError, NodeId};
-use crate::s3::{S3Settings, S3Store};
-use crate::tun_device::{self, TunError};
+use crate::tunnel::bundler::{Bundler, BundlerConfig};
+use crate::tunnel::cursor::CursorFile;
+use crate::tunnel::egress::Egress;
+use crate::tunnel::heartbeat::HeartbeatConfig;
+use crate::tunnel::ingress::Ingress;
+use crate::wire::bundle::{MAX_BUNDLE_BYTES, NetworkKey};
 
 /// Smallest MTU IPv6 allows.
 pub const MIN_MTU: u32 = 1280;
@@ -62,9 +72,9 @@ pub enum TunnelError {
     #[error(transparent)]
     Netlink(#[from] NetlinkError),
     #[error(transparent)]
-    MetricsHttp(#[from] crate::metrics_http::MetricsHttpError),
+    MetricsHttp(#[from] crate::edge::metrics_http::MetricsHttpError),
     #[error(transparent)]
-    Cursor(#[from] crate::cursor::CursorError),
+    Cursor(#[from] crate::tunnel::cursor::CursorError),
 }
 
 impl TunnelError {
@@ -117,13 +127,13 @@ impl TunnelConfig {
             )));
         }
         if s3.operation_timeout < s3.attempt_timeout
-            || s3.operation_timeout > crate::heartbeat::MAX_INTERVAL
+            || s3.operation_timeout > crate::tunnel::heartbeat::MAX_INTERVAL
         {
             return Err(TunnelError::Config(format!(
                 "--s3-timeout {:?} must be at least --s3-attempt-timeout {:?} and at most {:?}",
                 s3.operation_timeout,
                 s3.attempt_timeout,
-                crate::heartbeat::MAX_INTERVAL
+                crate::tunnel::heartbeat::MAX_INTERVAL
             )));
         }
         if !(1..=MAX_S3_ATTEMPTS).contains(&s3.max_attempts) {
@@ -138,17 +148,17 @@ impl TunnelConfig {
                 b.max_age
             )));
         }
-        if b.max_age > crate::heartbeat::MAX_INTERVAL {
+        if b.max_age > crate::tunnel::heartbeat::MAX_INTERVAL {
             return Err(TunnelError::Config(format!(
                 "--bundle-max-age must be at most {:?}",
-                crate::heartbeat::MAX_INTERVAL
+                crate::tunnel::heartbeat::MAX_INTERVAL
             )));
         }
-        if self.ingress_budget_bytes < crate::ingress::MIN_BUDGET_BYTES {
+        if self.ingress_budget_bytes < crate::tunnel::ingress::MIN_BUDGET_BYTES {
             return Err(TunnelError::Config(format!(
                 "--ingress-budget-bytes {} must be at least {} (one bundle of the largest size)",
                 self.ingress_budget_bytes,
-                crate::ingress::MIN_BUDGET_BYTES
+                crate::tunnel::ingress::MIN_BUDGET_BYTES
             )));
         }
         if b.puts_in_flight == 0 {
@@ -222,9 +232,10 @@ impl Tunnel {
         let metrics = Arc::new(Metrics::default());
         let (metrics_task, metrics_addr) = match config.metrics_listen {
             Some(listen) => {
-                let listener = crate::metrics_http::bind(listen).await?;
+                let listener = crate::edge::metrics_http::bind(listen).await?;
                 let bound = listener.local_addr().ok();
-                let task = tokio::spawn(crate::metrics_http::serve(listener, metrics.clone()));
+                let task =
+                    tokio::spawn(crate::edge::metrics_http::serve(listener, metrics.clone()));
                 (Some(task), bound)
             }
             None => (None, None),
@@ -246,7 +257,7 @@ impl Tunnel {
             return Err(e.into());
         }
         tracing::info!(tun = %link.link, address = %addr, mtu = config.mtu, "TUN configured");
-        let client = crate::s3::client(&config.s3).await;
+        let client = crate::edge::s3::client(&config.s3).await;
         let store = S3Store::with_settings(client, &config.s3, metrics.clone());
         let session = rand_session();
         let (shutdown, rx) = watch::channel(false);

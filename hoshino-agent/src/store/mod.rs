@@ -5,11 +5,15 @@
 //! Every method is one *call*: an implementation that talks to a real service retries inside
 //! it (see `retry`), so a caller sees either the result or the error that ended the retries.
 
+pub mod fault_store;
+pub mod memory_store;
+pub mod retry;
+
 use std::future::Future;
 
 use bytes::Bytes;
 
-pub use crate::s3::{Listed, Listing, Lookup, MAX_DELETE_BATCH, S3Error};
+pub use crate::edge::s3::{Listed, Listing, Lookup, MAX_DELETE_BATCH, S3Error};
 
 /// The S3 operations of the tunnel. Futures are `Send` so the loops can spawn them as tasks.
 pub trait Store: Clone + Send + Sync + 'static {

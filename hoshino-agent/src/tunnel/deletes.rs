@@ -8,7 +8,7 @@
 use std::collections::{HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
-use crate::s3::MAX_DELETE_BATCH;
+use crate::edge::s3::MAX_DELETE_BATCH;
 
 /// Default bound on how long a key waits before its batch is sent.
 /// DeleteObjects is billed as a POST ($0.005/1,000, while DELETE is free), so batches are
