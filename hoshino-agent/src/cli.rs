@@ -162,10 +162,12 @@ pub struct TunnelArgs {
         value_name = "BYTES"
     )]
     pub bundle_max_bytes: Option<usize>,
-    /// Flush a bundle when its oldest packet is this old [default: 20ms].
+    /// While a PUT to its destination is in flight, flush a bundle anyway when its oldest
+    /// packet is this old [default: 100ms].
     #[arg(long, env = "HOSHINO_BUNDLE_MAX_AGE", help_heading = "Bundling", value_parser = parse_duration, value_name = "DURATION")]
     pub bundle_max_age: Option<Duration>,
-    /// Flush at once while a destination has fewer PUTs than this in flight [default: 4].
+    /// PUTs per destination the age rule may have in flight; full bundles always leave
+    /// [default: 4].
     #[arg(long, env = "HOSHINO_PUTS_PER_DEST", help_heading = "Bundling")]
     pub puts_per_dest: Option<usize>,
     /// Most PUTs in flight in total [default: 32].
@@ -582,7 +584,7 @@ heartbeat-max = "1s"
 heartbeat-linger = "2s"
 idle-poll = "1s"
 bundle-max-bytes = 1048576
-bundle-max-age = "20ms"
+bundle-max-age = "100ms"
 puts-per-dest = 4
 puts-in-flight = 32
 egress-buffer-bytes = 67108864

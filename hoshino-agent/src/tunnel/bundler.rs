@@ -1,15 +1,17 @@
 //! Per-destination batching of egress packets into bundles, and when to flush them. Sans-IO.
 //!
-//! An open bundle per destination collects packets; it is sealed and handed out for a PUT when
-//! - it reached `max_bytes` (or `MAX_PACKETS`), or
+//! The bundler is self-clocking, as Nagle's algorithm is: an open bundle per destination
+//! collects packets, and is sealed and handed out for a PUT when
 //! - its destination has no PUT in flight (a lone packet to an idle destination leaves at once),
-//! - or fewer than `puts_per_dest` PUTs in flight and the destination's pacing interval (its
-//!   measured PUT latency / `puts_per_dest`) has passed since its last PUT started: under load
-//!   PUTs are spread over a PUT latency, so each bundle grows with rate x PUT latency (up to
-//!   `max_bytes`), and the reverse (ACK) direction coalesces the same way, or
-//! - its oldest packet is `max_age` old,
+//! - it reached `max_bytes` (or `MAX_PACKETS`): full bundles are PUT concurrently, so a fast
+//!   sender is not held to one PUT at a time,
+//! - or its oldest packet is `max_age` old and its destination has fewer than `puts_per_dest`
+//!   PUTs in flight (a safety net for a PUT that hangs in its retries).
 //!
-//! and fewer than `puts_in_flight` PUTs run in total. Bytes held (open, sealed and in flight) are
+//! So while a PUT is in flight the next bundle grows with the arrival rate for one PUT latency:
+//! bundles are rate x PUT latency (up to `max_bytes`) without a rate estimate, and a direction
+//! that carries only ACKs coalesces them into one PUT per PUT latency instead of one per burst.
+//! Fewer than `puts_in_flight` PUTs run in total. Bytes held (open, sealed and in flight) are
 //! bounded by `buffer_bytes`; a packet that does not fit is refused and the caller counts it.
 
 use std::collections::{HashMap, VecDeque};
@@ -33,7 +35,9 @@ impl Default for BundlerConfig {
             // Several MiB: under load bundles grow to this (rate x PUT latency); fewer, larger
             // PUTs are what makes a GiB cheap.
             max_bytes: 4 * 1024 * 1024,
-            max_age: Duration::from_millis(20),
+            // Above a PUT's usual latency (S3 Standard's p99 is well under 100 ms), so it fires
+            // only when a PUT hangs in its retries.
+            max_age: Duration::from_millis(100),
             puts_per_dest: 4,
             puts_in_flight: 32,
             buffer_bytes: 64 * 1024 * 1024,
@@ -76,14 +80,6 @@ pub struct Bundler {
     in_flight_per_dest: HashMap<NodeId, usize>,
     in_flight: usize,
     buffered: usize,
-    pace: HashMap<NodeId, Pace>,
-}
-
-/// Per destination: when its last PUT started and how long its PUTs take (EWMA).
-#[derive(Clone, Copy, Debug)]
-struct Pace {
-    last_start: Instant,
-    latency: Option<Duration>,
 }
 
 impl Bundler {
@@ -104,28 +100,7 @@ impl Bundler {
             in_flight_per_dest: HashMap::new(),
             in_flight: 0,
             buffered: 0,
-            pace: HashMap::new(),
         }
-    }
-
-    /// A PUT to `dest` succeeded after `took`: feeds the pacing interval.
-    pub fn put_latency(&mut self, dest: NodeId, took: Duration, now: Instant) {
-        let p = self.pace.entry(dest).or_insert(Pace {
-            last_start: now,
-            latency: None,
-        });
-        // EWMA with weight 1/4: follows a change of the store's latency within a few PUTs.
-        p.latency = Some(match p.latency {
-            Some(l) => (l * 3 + took) / 4,
-            None => took,
-        });
-    }
-
-    /// When the next PUT to `dest` may start early (before `max_age`), if pacing holds it back.
-    fn paced_until(&self, dest: &NodeId) -> Option<Instant> {
-        let p = self.pace.get(dest)?;
-        let interval = p.latency? / u32::try_from(self.config.puts_per_dest.max(1)).unwrap_or(1);
-        Some(p.last_start + interval)
     }
 
     pub fn buffered_bytes(&self) -> usize {
@@ -230,21 +205,14 @@ impl Bundler {
                 .iter()
                 .filter(|(dest, open)| {
                     let in_flight = self.in_flight_per_dest.get(dest).copied().unwrap_or(0);
-                    let paced = self.paced_until(dest).is_none_or(|t| now >= t);
-                    // `puts_per_dest == 0` leaves only the size and age rules.
-                    (in_flight < self.config.puts_per_dest && (in_flight == 0 || paced))
-                        || now.saturating_duration_since(open.oldest) >= self.config.max_age
+                    let aged = now.saturating_duration_since(open.oldest) >= self.config.max_age;
+                    in_flight == 0 || (aged && in_flight < self.config.puts_per_dest)
                 })
                 .min_by_key(|(_, open)| open.oldest)
                 .map(|(dest, _)| *dest);
             self.seal(ready?);
         }
         let sealed = self.sealed.pop_front()?;
-        let p = self.pace.entry(sealed.dest).or_insert(Pace {
-            last_start: now,
-            latency: None,
-        });
-        p.last_start = now;
         self.in_flight += 1;
         *self.in_flight_per_dest.entry(sealed.dest).or_insert(0) += 1;
         Some(sealed)
@@ -267,14 +235,10 @@ impl Bundler {
     pub fn next_deadline(&self) -> Option<Instant> {
         self.open
             .iter()
-            .map(|(dest, o)| {
-                let aged = o.oldest + self.config.max_age;
-                let in_flight = self.in_flight_per_dest.get(dest).copied().unwrap_or(0);
-                match self.paced_until(dest) {
-                    Some(t) if in_flight < self.config.puts_per_dest => t.min(aged),
-                    _ => aged,
-                }
+            .filter(|(dest, _)| {
+                self.in_flight_per_dest.get(dest).copied().unwrap_or(0) < self.config.puts_per_dest
             })
+            .map(|(_, o)| o.oldest + self.config.max_age)
             .min()
     }
 
@@ -324,64 +288,78 @@ mod tests {
     }
 
     #[test]
-    fn puts_to_a_busy_destination_are_paced_over_the_measured_put_latency() {
+    fn while_a_put_is_in_flight_packets_wait_for_it_and_leave_together() {
         let mut b = bundler(BundlerConfig::default());
         let t = Instant::now();
         let ms = Duration::from_millis;
-        b.put_latency(D1, ms(40), t);
         b.push(D1, &pkt(10), t).unwrap();
         let first = b.next_put(t).unwrap();
-        // One PUT in flight: the next may start only a quarter of the PUT latency later, and
-        // the packets arriving meanwhile share one bundle.
-        for _ in 0..5 {
-            b.push(D1, &pkt(10), t + ms(2)).unwrap();
-            assert!(b.next_put(t + ms(2)).is_none());
+        // One PUT in flight: what arrives meanwhile (a burst of ACKs, say) shares one bundle,
+        // which leaves as soon as the PUT ahead of it ends.
+        for i in 0..5 {
+            b.push(D1, &pkt(10), t + ms(i)).unwrap();
+            assert!(b.next_put(t + ms(i + 1)).is_none());
         }
-        assert_eq!(b.next_deadline(), Some(t + ms(10)));
-        let second = b.next_put(t + ms(10)).unwrap();
-        assert_eq!((second.seq, second.packets), (1, 5));
         b.put_done(D1, first.body.len());
-        b.put_done(D1, second.body.len());
-        // Idle again: a lone packet leaves at once whatever the pacing says.
-        b.push(D1, &pkt(10), t + ms(11)).unwrap();
-        assert!(b.next_put(t + ms(11)).is_some());
+        let second = b.next_put(t + ms(30)).unwrap();
+        assert_eq!((second.seq, second.packets), (1, 5));
     }
 
     #[test]
-    fn pacing_follows_the_put_latency() {
+    fn full_bundles_are_put_concurrently_while_one_is_in_flight() {
+        let cfg = BundlerConfig {
+            max_bytes: 1000,
+            ..BundlerConfig::default()
+        };
+        let mut b = bundler(cfg);
+        let t = Instant::now();
+        b.push(D1, &pkt(10), t).unwrap();
+        assert!(b.next_put(t).is_some());
+        // A fast sender: each bundle fills to the limit while the first PUT runs.
+        for _ in 0..40 {
+            b.push(D1, &pkt(100), t).unwrap();
+        }
+        let mut full = 0;
+        while let Some(s) = b.next_put(t) {
+            assert!(s.body.len() > 900, "only full bundles leave early");
+            full += 1;
+        }
+        assert!(full >= 3, "{full} full bundles in flight");
+        assert_eq!(b.in_flight(), full + 1);
+    }
+
+    #[test]
+    fn a_hanging_put_holds_the_next_bundle_no_longer_than_max_age() {
         let mut b = bundler(BundlerConfig::default());
         let t = Instant::now();
-        let ms = Duration::from_millis;
-        b.put_latency(D1, ms(40), t);
-        b.put_latency(D1, ms(8), t);
         b.push(D1, &pkt(10), t).unwrap();
         b.next_put(t).unwrap();
         b.push(D1, &pkt(10), t).unwrap();
-        // EWMA (3 x 40 + 8) / 4 = 32 ms, interval 8 ms.
-        assert_eq!(b.next_deadline(), Some(t + ms(8)));
+        let max_age = BundlerConfig::default().max_age;
+        assert_eq!(b.next_deadline(), Some(t + max_age));
+        assert!(b.next_put(t + max_age - Duration::from_millis(1)).is_none());
+        assert!(b.next_put(t + max_age).is_some());
     }
 
     #[test]
-    fn packets_accumulate_while_puts_per_dest_are_in_flight() {
+    fn age_flushes_stop_at_puts_per_dest_in_flight() {
         let mut b = bundler(BundlerConfig::default());
         let t = Instant::now();
+        let age = BundlerConfig::default().max_age;
         let mut puts = vec![];
-        for _ in 0..4 {
-            b.push(D1, &pkt(10), t).unwrap();
-            puts.push(b.next_put(t).unwrap());
-        }
-        for _ in 0..10 {
-            b.push(D1, &pkt(10), t).unwrap();
-            assert!(b.next_put(t).is_none());
-        }
-        let s = b.next_put(t + Duration::from_millis(20)).unwrap();
-        assert_eq!((s.seq, s.packets), (4, 10), "age flush");
-        b.put_done(D1, puts[0].body.len());
         b.push(D1, &pkt(10), t).unwrap();
-        // Still 4 in flight (3 old + the age-flushed one).
-        assert!(b.next_put(t).is_none());
-        b.put_done(D1, puts[1].body.len());
-        assert_eq!(b.next_put(t).unwrap().packets, 1);
+        puts.push(b.next_put(t).unwrap());
+        // Each PUT hangs; every `max_age` another bundle leaves, up to `puts_per_dest`.
+        for i in 1..4u32 {
+            b.push(D1, &pkt(10), t + age * (i - 1)).unwrap();
+            assert!(b.next_put(t + age * i - Duration::from_millis(1)).is_none());
+            puts.push(b.next_put(t + age * i).unwrap());
+        }
+        b.push(D1, &pkt(10), t + age * 3).unwrap();
+        assert!(b.next_put(t + age * 10).is_none(), "4 in flight");
+        assert_eq!(b.next_deadline(), None);
+        b.put_done(D1, puts[0].body.len());
+        assert_eq!(b.next_put(t + age * 10).unwrap().packets, 1);
     }
 
     #[test]
@@ -408,11 +386,15 @@ mod tests {
     #[test]
     fn age_deadline_is_oldest_packet_plus_max_age() {
         let cfg = BundlerConfig {
-            puts_per_dest: 0,
+            max_age: Duration::from_millis(20),
             ..BundlerConfig::default()
         };
         let mut b = bundler(cfg);
         let t = Instant::now();
+        for d in [D1, D2] {
+            b.push(d, &pkt(1), t).unwrap();
+            b.next_put(t).unwrap();
+        }
         b.push(D1, &pkt(1), t).unwrap();
         b.push(D2, &pkt(1), t + Duration::from_millis(5)).unwrap();
         assert_eq!(b.next_deadline(), Some(t + Duration::from_millis(20)));
@@ -476,6 +458,7 @@ mod tests {
             b.push(d, &pkt(1), t).unwrap();
             let s = b.next_put(t).unwrap();
             seqs.push((s.dest, s.seq));
+            b.put_done(s.dest, s.body.len());
         }
         seqs.sort();
         assert_eq!(seqs, [(D1, 0), (D1, 1), (D2, 0)]);

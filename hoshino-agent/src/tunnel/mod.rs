@@ -11,6 +11,7 @@ pub mod cursor;
 pub mod deletes;
 pub mod egress;
 pub mod heartbeat;
+pub mod inbox;
 pub mod ingress;
 pub mod outbox;
 pub mod probe;

@@ -141,8 +141,6 @@ impl Outbox {
                 packets: put.packets,
             });
         }
-        self.bundler
-            .put_latency(put.dest, now.saturating_duration_since(put.started), now);
         self.bells.prune(now);
         if self.bells.put_succeeded(put.dest, put.started, now) {
             // Every ring names another seq, so the bell's ETag changes.

@@ -1,10 +1,16 @@
-//! When a stream's next key may be probed again after a miss. Sans-IO (time is passed in).
+//! When a stream's next key may be probed. Sans-IO (time is passed in).
 //!
-//! A probe that misses is a request too. Without a bound, a hot stream probed on every 5 ms tick
+//! A probe that misses is a request too. Without a bound, a hot stream probed on every tick
 //! would pay up to 200 misses per second whenever the sender pauses, and its requests per GiB
-//! would be dominated by misses. So consecutive misses of a stream space its probes out, doubling
-//! from `MIN_GAP` to `MAX_GAP`; a hit, a doorbell naming the stream, or a PUT of ours (a reply
-//! is likely) makes it eager again.
+//! would be dominated by misses. So:
+//! - consecutive misses of a stream space its probes out, doubling from `MIN_GAP` to `MAX_GAP`;
+//! - a find or a doorbell naming the stream makes it eager again;
+//! - a PUT of ours (a reply is likely) makes every stream without a cadence (bundles found less
+//!   than `CADENCE_WITHIN` apart) eager for its next `EAGER_MISSES` misses: each miss is probed
+//!   again at once, so a reply is found within about one GET of landing (what a round trip's
+//!   latency is made of), and a reply that never comes costs a bounded number of GETs.
+//!   Streams with a cadence keep their pace: a sender busy talking to us (a bulk transfer's data
+//!   or ACKs) is followed by finds, and hurrying it on every PUT of ours would only add misses.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -17,49 +23,99 @@ pub const MIN_GAP: Duration = Duration::from_millis(5);
 /// at most 50 misses per second per stream, and at most 20 ms (10 on average) added to the
 /// latency of a packet that ends a pause.
 pub const MAX_GAP: Duration = Duration::from_millis(20);
+/// Misses re-probed at once after a PUT of ours.
+pub const EAGER_MISSES: u32 = 8;
+/// Finds closer together than this form a stream's cadence.
+pub const CADENCE_WITHIN: Duration = Duration::from_millis(250);
 
-#[derive(Clone, Copy, Debug)]
-struct Backoff {
+#[derive(Clone, Copy, Debug, Default)]
+struct StreamProbe {
+    /// Gap after the latest miss (zero: no miss since the last find).
     gap: Duration,
-    not_before: Instant,
+    not_before: Option<Instant>,
+    last_find: Option<Instant>,
+    /// EWMA of the time between finds, while they come closer than `CADENCE_WITHIN`.
+    interval: Option<Duration>,
+    /// Misses left that are probed again at once (after a PUT of ours).
+    eager: u32,
 }
 
 #[derive(Debug, Default)]
 pub struct ProbeSchedule {
-    streams: HashMap<StreamId, Backoff>,
+    streams: HashMap<StreamId, StreamProbe>,
+    /// We have sent something: a stream probed for the first time since (a first reply) starts
+    /// eager.
+    expecting: bool,
 }
 
 impl ProbeSchedule {
     /// Whether `stream` may be probed at `now`.
     pub fn may_probe(&self, stream: StreamId, now: Instant) -> bool {
-        self.streams
-            .get(&stream)
-            .is_none_or(|b| now >= b.not_before)
+        self.not_before(stream).is_none_or(|t| now >= t)
+    }
+
+    /// When `stream` may be probed next (`None`: at once).
+    pub fn not_before(&self, stream: StreamId) -> Option<Instant> {
+        self.streams.get(&stream).and_then(|p| p.not_before)
     }
 
     /// A probe of `stream` found nothing at `now`.
     pub fn missed(&mut self, stream: StreamId, now: Instant) {
-        let gap = match self.streams.get(&stream) {
-            Some(b) => (b.gap * 2).min(MAX_GAP),
-            None => MIN_GAP,
+        let expecting = self.expecting;
+        let p = self.streams.entry(stream).or_insert_with(|| StreamProbe {
+            eager: if expecting { EAGER_MISSES } else { 0 },
+            ..StreamProbe::default()
+        });
+        if p.eager > 0 {
+            p.eager -= 1;
+            p.not_before = None;
+            return;
+        }
+        p.gap = if p.gap.is_zero() {
+            MIN_GAP
+        } else {
+            (p.gap * 2).min(MAX_GAP)
         };
-        self.streams.insert(
-            stream,
-            Backoff {
-                gap,
-                not_before: now + gap,
-            },
-        );
+        p.not_before = Some(now + p.gap);
     }
 
-    /// A bundle of `stream` was found, or something names it: probe eagerly again.
-    pub fn hit(&mut self, stream: StreamId) {
-        self.streams.remove(&stream);
+    /// A bundle of `stream` was found at `now`.
+    pub fn hit(&mut self, stream: StreamId, now: Instant) {
+        let p = self.streams.entry(stream).or_default();
+        if let Some(prev) = p.last_find {
+            let d = now.saturating_duration_since(prev);
+            p.interval = (d < CADENCE_WITHIN).then(|| match p.interval {
+                // Weight 1/4: follows a change of the sender's pace within a few bundles.
+                Some(i) => (i * 3 + d) / 4,
+                None => d,
+            });
+        }
+        p.last_find = Some(now);
+        p.gap = Duration::ZERO;
+        p.not_before = None;
+        p.eager = 0;
     }
 
-    /// We sent something (a reply is likely): every stream is eager again.
-    pub fn hurry(&mut self) {
-        self.streams.clear();
+    /// Something (a doorbell) names `stream`: probe it at once.
+    pub fn named(&mut self, stream: StreamId, _now: Instant) {
+        let p = self.streams.entry(stream).or_default();
+        p.gap = Duration::ZERO;
+        p.not_before = None;
+    }
+
+    /// We sent something (a reply is likely): every stream without a cadence is eager again.
+    pub fn hurry(&mut self, now: Instant) {
+        self.expecting = true;
+        for p in self.streams.values_mut() {
+            let has_cadence = p.interval.is_some()
+                && p.last_find
+                    .is_some_and(|t| now.saturating_duration_since(t) < CADENCE_WITHIN);
+            if !has_cadence {
+                p.gap = Duration::ZERO;
+                p.not_before = None;
+                p.eager = EAGER_MISSES;
+            }
+        }
     }
 
     /// Forgets streams no longer probed.
@@ -114,11 +170,52 @@ mod tests {
             p.missed(S, t + ms(i));
         }
         assert!(!p.may_probe(S, t + ms(5)));
-        p.hit(S);
-        assert!(p.may_probe(S, t + ms(5)));
+        p.hit(S, t + ms(5));
+        assert!(p.may_probe(S, t + ms(5)), "one find is no cadence");
         p.missed(S, t + ms(5));
         p.missed(OTHER, t + ms(5));
-        p.hurry();
+        p.hurry(t + ms(5));
         assert!(p.may_probe(S, t + ms(5)) && p.may_probe(OTHER, t + ms(5)));
+    }
+
+    #[test]
+    fn after_a_put_of_ours_a_quiet_stream_is_probed_again_at_once_for_a_few_misses() {
+        let t = Instant::now();
+        let mut p = ProbeSchedule::default();
+        p.hit(S, t);
+        p.hurry(t + ms(1000));
+        for i in 0..EAGER_MISSES {
+            p.missed(S, t + ms(1000 + u64::from(i)));
+            assert!(p.may_probe(S, t + ms(1000 + u64::from(i))), "miss {i}");
+        }
+        // Then the usual spacing: a reply that never comes costs a bounded number of GETs.
+        p.missed(S, t + ms(1100));
+        assert!(!p.may_probe(S, t + ms(1101)));
+    }
+
+    #[test]
+    fn a_put_of_ours_does_not_hurry_a_stream_with_a_cadence() {
+        let t = Instant::now();
+        let mut p = ProbeSchedule::default();
+        for i in 0..4 {
+            p.hit(S, t + ms(30 * i));
+        }
+        p.missed(S, t + ms(95));
+        p.hurry(t + ms(96));
+        assert!(!p.may_probe(S, t + ms(97)), "its misses keep their spacing");
+        p.named(S, t + ms(97));
+        assert!(p.may_probe(S, t + ms(97)), "the doorbell still names it");
+    }
+
+    #[test]
+    fn a_pause_longer_than_the_cadence_window_forgets_the_cadence() {
+        let t = Instant::now();
+        let mut p = ProbeSchedule::default();
+        p.hit(S, t);
+        p.hit(S, t + ms(40));
+        p.hit(S, t + ms(2000));
+        p.missed(S, t + ms(2001));
+        p.hurry(t + ms(2002));
+        assert!(p.may_probe(S, t + ms(2002)));
     }
 }
