@@ -385,11 +385,11 @@ async fn lone_packet_latency(latency: Latency, name: &str) -> (Duration, Duratio
     (worst, put_get)
 }
 
-/// The bound: the bundler's age limit (20 ms), plus a probe's spacing after misses (at most
-/// 20 ms), plus PUT and GET each up to twice (a probe that was already in flight when the PUT
-/// landed misses, the next one hits).
+/// The bound: a probe's spacing after misses (at most `MAX_GAP`), plus PUT and GET each up to
+/// twice (a probe that was already in flight when the PUT landed misses, the next one hits). A
+/// lone packet to an idle destination leaves at once: no bundling delay.
 fn latency_bound(put_get: Duration) -> Duration {
-    Duration::from_millis(40) + put_get * 2
+    hoshino_agent::tunnel::probe::MAX_GAP + put_get * 2
 }
 
 #[tokio::test(start_paused = true)]

@@ -36,8 +36,10 @@ use crate::wire::mailbox::{BundleKey, parse_bundle_key};
 
 /// GETs in flight at once (probes and listed keys together).
 pub const GET_CONCURRENCY: usize = 16;
-/// While active, a LIST (to discover new streams) at most this often.
-pub const LIST_EVERY: Duration = Duration::from_secs(1);
+/// While active, a LIST (to discover new streams) at most this often. New streams normally
+/// announce themselves by the bell; the LIST is the safety net (and finds what a lost ring did
+/// not), so it may be rare: a LIST costs as much as 12.5 GETs.
+pub const LIST_EVERY: Duration = Duration::from_secs(5);
 /// LIST pages followed in one round when earlier pages hold no new work.
 const MAX_PAGES: usize = 20;
 /// A stream is probed while it found a bundle within this long.
@@ -50,7 +52,7 @@ const HOT_DEPTH: u64 = 2;
 const LARGE_BUNDLE: usize = 1024 * 1024;
 /// While active, the bell is read this often (a GET-class request): a changed bell names a new
 /// stream, found faster than by a LIST.
-const BELL_EVERY_ACTIVE: Duration = Duration::from_millis(250);
+const BELL_EVERY_ACTIVE: Duration = Duration::from_millis(500);
 /// A bell body is a bundle key (90 bytes); anything much larger is not a bell we wrote.
 pub const BELL_MAX_BYTES: usize = 1024;
 /// How long after a PUT of ours every known stream is probed (a reply is likely).
