@@ -4,8 +4,10 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod cmd;
+
 use clap::Parser;
-use hoshino_agent::cli::{Cli, Command, ConfigFile, LogFormat};
+use cmd::{Cli, Command, ConfigFile, LogFormat};
 use hoshino_agent::node_addr::{NodeAddr, NodeId};
 use hoshino_agent::tunnel;
 
@@ -51,7 +53,7 @@ fn main() -> ExitCode {
                 Err(e) => config_error(e),
             }
         }
-        Command::Policy(command) => match hoshino_agent::policy::cli::run(&command) {
+        Command::Policy(command) => match cmd::policy::run(&command) {
             Ok(text) => {
                 print!("{text}");
                 ExitCode::SUCCESS
@@ -62,7 +64,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Attach(args) => run_attach(args, &file, &config_path),
-        Command::Detach(args) => match hoshino_agent::interceptor::detach_cmd::run(&args) {
+        Command::Detach(args) => match cmd::detach::run(&args) {
             Ok(_) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!("{e}");
@@ -113,7 +115,7 @@ fn run_tunnel(config: tunnel::TunnelConfig) -> ExitCode {
 }
 
 fn run_attach(
-    args: hoshino_agent::interceptor::attach_cmd::AttachArgs,
+    args: cmd::attach::AttachArgs,
     file: &ConfigFile,
     config_path: &std::path::Path,
 ) -> ExitCode {
@@ -129,8 +131,7 @@ fn run_attach(
             return ExitCode::from(EXIT_RUNTIME);
         }
     };
-    let attach =
-        hoshino_agent::interceptor::attach_cmd::run(args, file, config_path, shutdown_signal());
+    let attach = cmd::attach::run(args, file, config_path, shutdown_signal());
     match runtime.block_on(attach) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

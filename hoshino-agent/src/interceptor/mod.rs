@@ -19,9 +19,7 @@
 //! attached (fail closed), and [`detach_pinned`] removes it. [`FlowTable`] is the flow map
 //! through a handle of its own (sweep, removal).
 
-pub mod attach_cmd;
 mod classifier;
-pub mod detach_cmd;
 pub mod divert;
 mod flow_table;
 mod from_policy;

@@ -2,7 +2,6 @@
 //! locations for every error and compiled into the classifier's map contents. Sans-IO except
 //! for [`load`], which reads the file.
 
-pub mod cli;
 pub mod compile;
 pub mod error;
 pub mod model;

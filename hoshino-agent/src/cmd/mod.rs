@@ -14,11 +14,15 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
 
-use crate::edge::s3::S3Settings;
-use crate::node_addr::{DEFAULT_PREFIX, NetworkPrefix};
-use crate::tunnel::bundler::BundlerConfig;
-use crate::tunnel::heartbeat::HeartbeatConfig;
-use crate::tunnel::{DEFAULT_MTU, TunnelConfig};
+use hoshino_agent::edge::s3::S3Settings;
+use hoshino_agent::node_addr::{DEFAULT_PREFIX, NetworkPrefix};
+use hoshino_agent::tunnel::bundler::BundlerConfig;
+use hoshino_agent::tunnel::heartbeat::HeartbeatConfig;
+use hoshino_agent::tunnel::{DEFAULT_MTU, TunnelConfig};
+
+pub mod attach;
+pub mod detach;
+pub mod policy;
 
 pub const DEFAULT_TUN_NAME: &str = "hoshino0";
 pub const DEFAULT_MACHINE_ID_FILE: &str = "/etc/machine-id";
@@ -53,12 +57,12 @@ pub enum Command {
     /// Print this node's tunnel address and exit.
     Addr(AddrArgs),
     /// Attach the policy classifier to an interface; tunnel and divert what the policy says.
-    Attach(crate::interceptor::attach_cmd::AttachArgs),
+    Attach(attach::AttachArgs),
     /// Remove the classifier `attach` left pinned on an interface (link, maps, pins).
-    Detach(crate::interceptor::detach_cmd::DetachArgs),
+    Detach(detach::DetachArgs),
     /// Policy file tools.
     #[command(subcommand)]
-    Policy(crate::policy::cli::PolicyCommand),
+    Policy(policy::PolicyCommand),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, Deserialize)]
@@ -325,12 +329,13 @@ impl NodeArgs {
             .clone()
             .or_else(|| file.prefix.clone())
             .unwrap_or_else(|| DEFAULT_PREFIX.to_string());
-        raw.parse()
-            .map_err(|e: crate::node_addr::NodeAddrError| CliError::BadValue {
+        raw.parse().map_err(
+            |e: hoshino_agent::node_addr::NodeAddrError| CliError::BadValue {
                 source_name: "settings".into(),
                 key: "prefix",
                 message: e.to_string(),
-            })
+            },
+        )
     }
 
     pub fn machine_id_file(&self, file: &ConfigFile) -> PathBuf {
@@ -449,7 +454,7 @@ impl TunnelArgs {
             ingress_budget_bytes: self
                 .ingress_budget_bytes
                 .or(file.ingress_budget_bytes)
-                .unwrap_or(crate::tunnel::ingress::DEFAULT_BUDGET_BYTES),
+                .unwrap_or(hoshino_agent::tunnel::ingress::DEFAULT_BUDGET_BYTES),
         })
     }
 }

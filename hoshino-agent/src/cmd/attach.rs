@@ -12,16 +12,16 @@ use clap::Args;
 use hoshino_common::{FlowKey, FlowValue};
 use tokio::sync::watch;
 
-use super::divert::device::{DeviceError, DivertTun, Reinjector};
-use super::divert::service::{self, DivertContext, FlowLookup, PolicySets};
-use super::{
+use super::{CliError, ConfigFile, TunnelArgs};
+use hoshino_agent::interceptor::divert::device::{DeviceError, DivertTun, Reinjector};
+use hoshino_agent::interceptor::divert::service::{self, DivertContext, FlowLookup, PolicySets};
+use hoshino_agent::interceptor::{
     Classifier, ClassifierOptions, DEFAULT_PIN_ROOT, Direction, FLOW_IDLE_TIMEOUT,
     FLOW_SWEEP_EVERY, FlowTable, InterceptorError, forward_logs, monotonic_now_ns,
 };
-use crate::cli::{CliError, ConfigFile, TunnelArgs};
-use crate::metrics::{Metrics, RuleCounter};
-use crate::policy::{self, CompiledPolicy, PolicyError, Verdict};
-use crate::tunnel::{Tunnel, TunnelError};
+use hoshino_agent::metrics::{Metrics, RuleCounter};
+use hoshino_agent::policy::{self, CompiledPolicy, PolicyError, Verdict};
+use hoshino_agent::tunnel::{Tunnel, TunnelError};
 
 /// Default per-uid cap of recorded divert flows (a sixteenth of the table).
 pub const DEFAULT_FLOWS_PER_UID: u32 = hoshino_common::FLOW_CAPACITY / 16;
@@ -33,7 +33,7 @@ pub const DEFAULT_REINJECT_MARK: u32 = 0x6873_6e6f;
 const COUNTERS_EVERY: Duration = Duration::from_secs(1);
 /// The divert TUN's transmit queue, in packets: the classifier redirects bursts into it faster
 /// than the agent reads them (the kernel default, 500, overflowed); as for the tunnel TUN.
-pub const DIVERT_TX_QUEUE_LEN: u32 = crate::edge::netlink::TX_QUEUE_LEN;
+pub const DIVERT_TX_QUEUE_LEN: u32 = hoshino_agent::edge::netlink::TX_QUEUE_LEN;
 
 /// `hoshino-agent attach --interface IF --policy FILE [TUNNEL FLAGS]`.
 #[derive(Debug, Clone, Args)]
@@ -108,7 +108,7 @@ pub enum AttachError {
     #[error("cannot install the SIGHUP handler: {0}")]
     Signal(#[source] std::io::Error),
     #[error(transparent)]
-    Netlink(crate::edge::netlink::NetlinkError),
+    Netlink(hoshino_agent::edge::netlink::NetlinkError),
 }
 
 impl AttachError {
@@ -200,10 +200,10 @@ pub async fn run(
             let listen = args.tunnel.metrics_listen.or(from_file);
             let task = match listen {
                 Some(addr) => {
-                    let listener = crate::edge::metrics_http::bind(addr)
+                    let listener = hoshino_agent::edge::metrics_http::bind(addr)
                         .await
                         .map_err(|e| AttachError::Metrics(e.to_string()))?;
-                    Some(tokio::spawn(crate::edge::metrics_http::serve(
+                    Some(tokio::spawn(hoshino_agent::edge::metrics_http::serve(
                         listener,
                         metrics.clone(),
                     )))
@@ -241,7 +241,7 @@ async fn intercept(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AttachError> {
     let divert_tun = Arc::new(DivertTun::create(&args.divert_tun)?);
-    let netlink = crate::edge::netlink::Netlink::connect().map_err(AttachError::Netlink)?;
+    let netlink = hoshino_agent::edge::netlink::Netlink::connect().map_err(AttachError::Netlink)?;
     netlink
         .set_tx_queue_len(divert_tun.name(), divert_tun.ifindex(), DIVERT_TX_QUEUE_LEN)
         .await
@@ -345,7 +345,7 @@ async fn intercept(
 
 /// Removes flow entries idle longer than [`FLOW_IDLE_TIMEOUT`], off the async workers (the walk
 /// is one syscall per entry).
-async fn sweep_flows(table: &Arc<Mutex<super::FlowTable>>) {
+async fn sweep_flows(table: &Arc<Mutex<FlowTable>>) {
     let table = table.clone();
     let swept = tokio::task::spawn_blocking(move || {
         let mut table = table.lock().unwrap_or_else(|p| p.into_inner());
