@@ -52,8 +52,9 @@ pub struct AttachArgs {
     /// Name of the TUN that receives diverted packets.
     #[arg(long, env = "HOSHINO_DIVERT_TUN", help_heading = "Interceptor", default_value = DEFAULT_DIVERT_TUN)]
     pub divert_tun: String,
-    /// Socket mark of reinjected packets; the classifier lets packets with it pass.
-    #[arg(long, env = "HOSHINO_REINJECT_MARK", help_heading = "Interceptor", default_value = "0x68736e6f", value_parser = parse_mark)]
+    /// Socket mark of reinjected packets, decimal or 0x hex; the classifier lets packets with it
+    /// pass [default: 0x68736e6f, "hsno"].
+    #[arg(long, env = "HOSHINO_REINJECT_MARK", help_heading = "Interceptor", default_value_t = DEFAULT_REINJECT_MARK, hide_default_value = true, value_parser = parse_mark)]
     pub reinject_mark: u32,
     /// Log the classifier's verdicts (aya-log, at debug level, rate limited).
     #[arg(long, env = "HOSHINO_LOG_VERDICTS", help_heading = "Interceptor")]
