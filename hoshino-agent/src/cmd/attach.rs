@@ -4,7 +4,8 @@
 //! tunnelled traffic is dropped until an agent adopts it again); `--detach-on-exit` removes it on
 //! SIGINT/SIGTERM, `hoshino-agent detach` at any time.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+use std::process::ExitCode;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -12,7 +13,8 @@ use clap::Args;
 use hoshino_common::{FlowKey, FlowValue};
 use tokio::sync::watch;
 
-use super::{CliError, ConfigFile, TunnelArgs};
+use super::tunnel::TunnelArgs;
+use super::{CliError, EXIT_CONFIG, EXIT_RUNTIME};
 use hoshino_agent::interceptor::divert::device::{DeviceError, DivertTun, Reinjector};
 use hoshino_agent::interceptor::divert::service::{self, DivertContext, FlowLookup, PolicySets};
 use hoshino_agent::interceptor::{
@@ -153,23 +155,29 @@ impl FlowLookup for ClassifierFlows {
     }
 }
 
-/// Runs `attach` until `shutdown` resolves; `file` and `config_path` are the `--config` file.
-pub async fn run(
-    args: AttachArgs,
-    file: &ConfigFile,
-    config_path: &Path,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), AttachError> {
+/// Runs `attach` until SIGINT/SIGTERM, to its exit code.
+pub async fn run_command(args: AttachArgs) -> ExitCode {
+    match run(args, super::shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("hoshino-agent: {e}");
+            ExitCode::from(if e.is_config_error() {
+                EXIT_CONFIG
+            } else {
+                EXIT_RUNTIME
+            })
+        }
+    }
+}
+
+/// Runs `attach` until `shutdown` resolves.
+pub async fn run(args: AttachArgs, shutdown: impl Future<Output = ()>) -> Result<(), AttachError> {
     if args.reinject_mark == 0 {
         return Err(AttachError::ZeroMark);
     }
     let compiled = Arc::new(policy::load(&args.policy)?);
-    let bucket_configured = args
-        .tunnel
-        .bucket
-        .as_deref()
-        .or(file.bucket.as_deref())
-        .is_some_and(|b| !b.is_empty());
+    let bucket_configured = args.tunnel.has_bucket();
     if let Some(rule) = tunnel_rule(&compiled)
         && !bucket_configured
     {
@@ -179,7 +187,7 @@ pub async fn run(
         });
     }
     let tunnel_config = if bucket_configured {
-        Some(args.tunnel.resolve(file, config_path)?)
+        Some(args.tunnel.resolve()?)
     } else {
         None
     };
@@ -192,13 +200,7 @@ pub async fn run(
         }
         None => {
             let metrics = Arc::new(Metrics::default());
-            let from_file = match file.metrics_listen.as_deref() {
-                None => None,
-                Some(text) => Some(text.parse::<std::net::SocketAddr>().map_err(|e| {
-                    AttachError::Metrics(format!("metrics-listen `{text}` in the config file: {e}"))
-                })?),
-            };
-            let listen = args.tunnel.metrics_listen.or(from_file);
+            let listen = args.tunnel.metrics_listen;
             let task = match listen {
                 Some(addr) => {
                     let listener = hoshino_agent::edge::metrics_http::bind(addr)
