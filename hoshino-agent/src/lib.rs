@@ -17,12 +17,10 @@
 //!   machine-id.
 
 pub mod edge;
+pub mod interceptor;
 pub mod metrics;
 pub mod node_addr;
 pub mod policy;
 pub mod store;
 pub mod tunnel;
 pub mod wire;
-
-pub mod cli;
-pub mod interceptor;

@@ -135,17 +135,17 @@ impl FromStr for NetworkPrefix {
             input: s.to_string(),
             reason: reason.to_string(),
         };
-        let (addr, len) = s
-            .split_once('/')
-            .ok_or_else(|| err("expected ADDRESS/64"))?;
-        if len != "64" {
+        let net: ipnet::Ipv6Net = s
+            .trim()
+            .parse()
+            .map_err(|_| err("expected an IPv6 ADDRESS/64"))?;
+        if net.prefix_len() != 64 {
             return Err(err("only /64 prefixes are supported"));
         }
-        let addr: Ipv6Addr = addr.parse().map_err(|_| err("not an IPv6 address"))?;
-        let bits = u128::from(addr);
-        if bits as u64 != 0 {
+        if net.trunc() != net {
             return Err(err("host bits (the lower 64) must be zero"));
         }
+        let bits = u128::from(net.network());
         Ok(NetworkPrefix((bits >> 64) as u64))
     }
 }

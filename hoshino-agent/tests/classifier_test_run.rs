@@ -1,12 +1,12 @@
 //! The classifier on synthetic packets via `BPF_PROG_TEST_RUN` (needs root: CAP_BPF +
-//! CAP_NET_ADMIN). Each test loads its own classifier, so counters start at zero.
+//! CAP_NET_ADMIN). Each test loads its own classifier, so counters start at zero. Every policy is
+//! TOML text through the production path (`policy::compile_text` -> `Classifier::install`), the
+//! one an operator's policy file takes.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use aya::programs::{TestRun, TestRunOptions};
-use hoshino_agent::interceptor::{
-    Classifier, ClassifierOptions, Family, PolicySpec, RuleCounters, RuleSpec, flow_key,
-};
+use hoshino_agent::interceptor::{Classifier, ClassifierOptions, RuleCounters, flow_key};
 use hoshino_common::Verdict;
 
 const TC_ACT_OK: u32 = 0;
@@ -114,35 +114,24 @@ fn ext_ah() -> Vec<u8> {
     h
 }
 
-// ---- policy construction -------------------------------------------------------------------
-
-fn rule(name: &str, verdict: Verdict) -> RuleSpec {
-    RuleSpec::new(name, verdict)
-}
-
-fn with_dst(mut r: RuleSpec, prefixes: &[&str]) -> RuleSpec {
-    r.dst = prefixes.iter().map(|p| p.parse().unwrap()).collect();
-    r
-}
-
-fn policy(rules: Vec<RuleSpec>, default_verdict: Verdict) -> PolicySpec {
-    PolicySpec {
-        rules,
-        default_verdict,
-    }
-}
-
 // ---- running -------------------------------------------------------------------------------
 
-fn classifier(policy: &PolicySpec) -> Classifier {
-    let mut c = Classifier::load(&ClassifierOptions {
-        tunnel_ifindex: TUNNEL_IFINDEX,
-        divert_ifindex: DIVERT_IFINDEX,
-        reinject_mark: REINJECT_MARK,
-        log_verdicts: false,
-    })
-    .expect("load classifier (run as root)");
-    c.install_spec(policy).expect("install policy");
+const OPTIONS: ClassifierOptions = ClassifierOptions {
+    tunnel_ifindex: TUNNEL_IFINDEX,
+    divert_ifindex: DIVERT_IFINDEX,
+    reinject_mark: REINJECT_MARK,
+    log_verdicts: false,
+};
+
+/// Compiles policy text with the production compiler (panicking with FILE:LINE:COL if invalid).
+fn compiled(policy: &str) -> hoshino_agent::policy::CompiledPolicy {
+    hoshino_agent::policy::compile_text("test.toml", policy).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A classifier with redirect targets, running `policy`.
+fn classifier(policy: &str) -> Classifier {
+    let mut c = Classifier::load(&OPTIONS).expect("load classifier (run as root)");
+    c.install(&compiled(policy)).expect("install policy");
     c
 }
 
@@ -182,14 +171,25 @@ fn counts(pairs: &[(&str, u64)]) -> Vec<(String, u64)> {
 
 #[test]
 fn first_match_wins_across_overlapping_prefixes() {
-    let mut c = classifier(&policy(
-        vec![
-            with_dst(rule("narrow-pass", Verdict::Pass), &["10.1.0.0/16"]),
-            with_dst(rule("wide-drop", Verdict::Drop), &["10.0.0.0/8"]),
-            with_dst(rule("host-tunnel", Verdict::Tunnel), &["10.1.2.3/32"]),
-        ],
-        Verdict::Pass,
-    ));
+    // (The shadowed host rule diverts: the tunnel carries IPv6 only, so the compiler refuses an
+    // IPv4 prefix in a tunnel rule; any verdict other than the first rule's shows the shadowing.)
+    let mut c = classifier(
+        r#"
+default = "pass"
+[[rule]]
+name = "narrow-pass"
+dst = ["10.1.0.0/16"]
+action = "pass"
+[[rule]]
+name = "wide-drop"
+dst = ["10.0.0.0/8"]
+action = "drop"
+[[rule]]
+name = "host-divert"
+dst = ["10.1.2.3/32"]
+action = "divert"
+"#,
+    );
     assert_eq!(run(&mut c, &v4_udp("10.1.2.3", 53)), TC_ACT_OK);
     assert_eq!(run(&mut c, &v4_udp("10.1.9.9", 53)), TC_ACT_OK);
     assert_eq!(run(&mut c, &v4_udp("10.2.0.1", 53)), TC_ACT_SHOT);
@@ -199,19 +199,24 @@ fn first_match_wins_across_overlapping_prefixes() {
         counts(&[
             ("narrow-pass", 2),
             ("wide-drop", 1),
-            ("host-tunnel", 0),
+            ("host-divert", 0),
             ("default", 1)
         ])
     );
 
     // The same prefixes in the other order: the wide rule now shadows the narrow ones.
-    let mut c = classifier(&policy(
-        vec![
-            with_dst(rule("wide-drop", Verdict::Drop), &["10.0.0.0/8"]),
-            with_dst(rule("narrow-pass", Verdict::Pass), &["10.1.0.0/16"]),
-        ],
-        Verdict::Pass,
-    ));
+    let mut c = classifier(
+        r#"
+[[rule]]
+name = "wide-drop"
+dst = ["10.0.0.0/8"]
+action = "drop"
+[[rule]]
+name = "narrow-pass"
+dst = ["10.1.0.0/16"]
+action = "pass"
+"#,
+    );
     assert_eq!(run(&mut c, &v4_udp("10.1.2.3", 53)), TC_ACT_SHOT);
     assert_eq!(
         packets(&c),
@@ -221,9 +226,15 @@ fn first_match_wins_across_overlapping_prefixes() {
 
 #[test]
 fn source_and_destination_prefixes_must_both_match() {
-    let mut r = with_dst(rule("from-a-to-b", Verdict::Drop), &["10.0.0.0/8"]);
-    r.src = vec!["192.0.2.0/24".parse().unwrap()];
-    let mut c = classifier(&policy(vec![r], Verdict::Pass));
+    let mut c = classifier(
+        r#"
+[[rule]]
+name = "from-a-to-b"
+dst = ["10.0.0.0/8"]
+src = ["192.0.2.0/24"]
+action = "drop"
+"#,
+    );
     assert_eq!(run(&mut c, &v4_udp("10.0.0.1", 1)), TC_ACT_SHOT);
     let other_source = ipv4(UDP, "198.51.100.1", "10.0.0.1", 0, &ports(1, 1));
     assert_eq!(run(&mut c, &other_source), TC_ACT_OK);
@@ -232,10 +243,15 @@ fn source_and_destination_prefixes_must_both_match() {
 
 #[test]
 fn destination_port_range_is_inclusive_and_needs_the_protocol() {
-    let mut r = rule("web", Verdict::Drop);
-    r.proto = Some(TCP);
-    r.dst_ports = Some(8000..=8080);
-    let mut c = classifier(&policy(vec![r], Verdict::Pass));
+    let mut c = classifier(
+        r#"
+[[rule]]
+name = "web"
+protocol = "tcp"
+dport = "8000-8080"
+action = "drop"
+"#,
+    );
     assert_eq!(run(&mut c, &v4_tcp("203.0.113.5", 7999)), TC_ACT_OK);
     assert_eq!(run(&mut c, &v4_tcp("203.0.113.5", 8000)), TC_ACT_SHOT);
     assert_eq!(run(&mut c, &v4_tcp("203.0.113.5", 8080)), TC_ACT_SHOT);
@@ -246,13 +262,15 @@ fn destination_port_range_is_inclusive_and_needs_the_protocol() {
 
 #[test]
 fn default_verdict_applies_when_no_rule_matches() {
-    let mut c = classifier(&policy(
-        vec![with_dst(
-            rule("only-this", Verdict::Pass),
-            &["198.51.100.7"],
-        )],
-        Verdict::Drop,
-    ));
+    let mut c = classifier(
+        r#"
+default = "drop"
+[[rule]]
+name = "only-this"
+dst = ["198.51.100.7"]
+action = "pass"
+"#,
+    );
     assert_eq!(run(&mut c, &v4_udp("198.51.100.7", 1)), TC_ACT_OK);
     assert_eq!(run(&mut c, &v4_udp("198.51.100.8", 1)), TC_ACT_SHOT);
     let v6 = ipv6("2001:db8::9", &[], UDP, &ports(1, 1));
@@ -262,11 +280,20 @@ fn default_verdict_applies_when_no_rule_matches() {
 
 #[test]
 fn ipv6_rules_match_by_prefix_protocol_and_port() {
-    let mut r = with_dst(rule("ula-dns", Verdict::Drop), &["fd00::/8"]);
-    r.proto = Some(UDP);
-    r.dst_ports = Some(53..=53);
-    let v4_only = with_dst(rule("v4-only", Verdict::Drop), &["0.0.0.0/0"]);
-    let mut c = classifier(&policy(vec![r, v4_only], Verdict::Pass));
+    let mut c = classifier(
+        r#"
+[[rule]]
+name = "ula-dns"
+dst = ["fd00::/8"]
+protocol = "udp"
+dport = 53
+action = "drop"
+[[rule]]
+name = "v4-only"
+dst = ["0.0.0.0/0"]
+action = "drop"
+"#,
+    );
     assert_eq!(
         run(&mut c, &ipv6("fd12::1", &[], UDP, &ports(5000, 53))),
         TC_ACT_SHOT
@@ -284,10 +311,16 @@ fn ipv6_rules_match_by_prefix_protocol_and_port() {
 
 #[test]
 fn ipv6_extension_headers_are_walked_to_find_the_port() {
-    let mut r = with_dst(rule("https", Verdict::Drop), &["2001:db8::/32"]);
-    r.proto = Some(TCP);
-    r.dst_ports = Some(443..=443);
-    let mut c = classifier(&policy(vec![r], Verdict::Pass));
+    let mut c = classifier(
+        r#"
+[[rule]]
+name = "https"
+dst = ["2001:db8::/32"]
+protocol = "tcp"
+dport = 443
+action = "drop"
+"#,
+    );
     let chain = vec![
         (0u8, ext_options()),
         (43u8, ext_routing_long()),
@@ -317,15 +350,23 @@ fn ipv6_extension_headers_are_walked_to_find_the_port() {
 
 #[test]
 fn non_first_fragments_match_only_rules_without_ports() {
-    let mut dns = with_dst(rule("dns", Verdict::Drop), &["2001:db8::/32", "10.0.0.0/8"]);
-    dns.proto = Some(UDP);
-    dns.dst_ports = Some(53..=53);
-    let mut udp = with_dst(
-        rule("udp", Verdict::Tunnel),
-        &["2001:db8::/32", "10.0.0.0/8"],
+    // The port-less rule diverts (a redirect, as a tunnel verdict would be): a tunnel rule may
+    // not list the IPv4 prefix.
+    let mut c = classifier(
+        r#"
+[[rule]]
+name = "dns"
+dst = ["2001:db8::/32", "10.0.0.0/8"]
+protocol = "udp"
+dport = 53
+action = "drop"
+[[rule]]
+name = "udp"
+dst = ["2001:db8::/32", "10.0.0.0/8"]
+protocol = "udp"
+action = "divert"
+"#,
     );
-    udp.proto = Some(UDP);
-    let mut c = classifier(&policy(vec![dns, udp], Verdict::Pass));
     let first = ipv6(
         "2001:db8::5",
         &[(44, ext_fragment(0, true))],
@@ -363,15 +404,26 @@ fn non_first_fragments_match_only_rules_without_ports() {
 
 #[test]
 fn truncated_packets_fall_to_rules_without_l4_requirements() {
-    let mut web = rule("web", Verdict::Drop);
-    web.proto = Some(TCP);
-    web.dst_ports = Some(80..=80);
-    let mut tcp = rule("any-tcp", Verdict::Tunnel);
-    tcp.proto = Some(TCP);
-    let mut v4 = rule("v4", Verdict::Divert);
-    v4.family = Family::V4;
-    let anything = rule("anything", Verdict::Drop);
-    let mut c = classifier(&policy(vec![web, tcp, v4, anything], Verdict::Pass));
+    let mut c = classifier(
+        r#"
+[[rule]]
+name = "web"
+protocol = "tcp"
+dport = 80
+action = "drop"
+[[rule]]
+name = "any-tcp"
+protocol = "tcp"
+action = "tunnel"
+[[rule]]
+name = "v4"
+family = "ipv4"
+action = "divert"
+[[rule]]
+name = "anything"
+action = "drop"
+"#,
+    );
 
     let full = v4_tcp("203.0.113.1", 80);
     assert_eq!(run(&mut c, &full), TC_ACT_SHOT);
@@ -407,9 +459,14 @@ fn truncated_packets_fall_to_rules_without_l4_requirements() {
 
 #[test]
 fn garbage_and_non_ip_frames_only_match_unconstrained_rules() {
-    let mut udp = rule("udp", Verdict::Drop);
-    udp.proto = Some(UDP);
-    let mut c = classifier(&policy(vec![udp], Verdict::Pass));
+    let mut c = classifier(
+        r#"
+[[rule]]
+name = "udp"
+protocol = "udp"
+action = "drop"
+"#,
+    );
     let arp = ethernet(0x0806, &[0u8; 28]);
     assert_eq!(run(&mut c, &arp), TC_ACT_OK);
     let mut state = 0x1234_5678_u32;
@@ -441,7 +498,14 @@ fn garbage_and_non_ip_frames_only_match_unconstrained_rules() {
 
 #[test]
 fn reinjected_packets_pass_untouched_and_uncounted() {
-    let mut c = classifier(&policy(vec![rule("all", Verdict::Divert)], Verdict::Drop));
+    let mut c = classifier(
+        r#"
+default = "drop"
+[[rule]]
+name = "all"
+action = "divert"
+"#,
+    );
     let packet = v4_udp("169.254.169.254", 80);
     assert_eq!(run(&mut c, &packet), TC_ACT_REDIRECT);
     assert_eq!(run_with_mark(&mut c, &packet, REINJECT_MARK), TC_ACT_OK);
@@ -499,19 +563,9 @@ dst = ["198.51.100.0/24"]
 action = "drop"
 "#;
 
-/// A classifier with [`FLOW_POLICY`], compiled by the production compiler.
+/// A classifier with [`FLOW_POLICY`].
 fn flow_classifier() -> Classifier {
-    let compiled =
-        hoshino_agent::policy::compile_text("flows.toml", FLOW_POLICY).expect("policy compiles");
-    let mut c = Classifier::load(&ClassifierOptions {
-        tunnel_ifindex: TUNNEL_IFINDEX,
-        divert_ifindex: DIVERT_IFINDEX,
-        reinject_mark: REINJECT_MARK,
-        log_verdicts: false,
-    })
-    .expect("load classifier (run as root)");
-    c.install(&compiled).expect("install policy");
-    c
+    classifier(FLOW_POLICY)
 }
 
 const SYN: u8 = 0x02;
@@ -699,7 +753,7 @@ fn the_sweep_removes_flows_idle_past_the_timeout_only() {
 #[test]
 fn redirect_without_a_target_device_drops() {
     let mut c = Classifier::load(&ClassifierOptions::default()).unwrap();
-    c.install_spec(&policy(vec![rule("all", Verdict::Tunnel)], Verdict::Pass))
+    c.install(&compiled("[[rule]]\nname = \"all\"\naction = \"tunnel\"\n"))
         .unwrap();
     assert_eq!(run(&mut c, &v4_udp("10.0.0.1", 1)), TC_ACT_SHOT);
     assert!(c.flows().unwrap().is_empty());
@@ -707,23 +761,23 @@ fn redirect_without_a_target_device_drops() {
 
 #[test]
 fn reload_replaces_the_policy_and_leaves_no_stale_prefixes() {
-    let mut c = classifier(&policy(
-        vec![with_dst(rule("drop-ten", Verdict::Drop), &["10.0.0.0/8"])],
-        Verdict::Pass,
-    ));
+    let mut c = classifier(
+        r#"
+[[rule]]
+name = "drop-ten"
+dst = ["10.0.0.0/8"]
+action = "drop"
+"#,
+    );
     let packet = v4_udp("10.1.1.1", 1);
     assert_eq!(run(&mut c, &packet), TC_ACT_SHOT);
     let first_set = c.active_set();
-    c.install_spec(&policy(vec![], Verdict::Pass)).unwrap();
+    c.install(&compiled("default = \"pass\"\n")).unwrap();
     assert_ne!(c.active_set(), first_set);
     assert_eq!(run(&mut c, &packet), TC_ACT_OK);
     // Back in the first set: the old 10/8 entry must be gone.
-    c.install_spec(&policy(
-        vec![with_dst(
-            rule("drop-192", Verdict::Drop),
-            &["192.168.0.0/16"],
-        )],
-        Verdict::Pass,
+    c.install(&compiled(
+        "[[rule]]\nname = \"drop-192\"\ndst = [\"192.168.0.0/16\"]\naction = \"drop\"\n",
     ))
     .unwrap();
     assert_eq!(c.active_set(), first_set);
@@ -738,9 +792,11 @@ fn thousand_prefix_policy_loads_and_matches() {
         .map(|i| format!("10.{}.{}.0/24", i / 256, i % 256))
         .collect();
     let v6: Vec<String> = (0..1000).map(|i| format!("fd00:{i:x}::/32")).collect();
-    let mut r = rule("thousand", Verdict::Drop);
-    r.dst = v4.iter().chain(&v6).map(|p| p.parse().unwrap()).collect();
-    let mut c = classifier(&policy(vec![r], Verdict::Pass));
+    let dst: Vec<String> = v4.iter().chain(&v6).map(|p| format!("\"{p}\"")).collect();
+    let mut c = classifier(&format!(
+        "[[rule]]\nname = \"thousand\"\ndst = [{}]\naction = \"drop\"\n",
+        dst.join(", ")
+    ));
     assert_eq!(run(&mut c, &v4_udp("10.3.231.9", 1)), TC_ACT_SHOT);
     assert_eq!(run(&mut c, &v4_udp("10.3.232.9", 1)), TC_ACT_OK);
     assert_eq!(
@@ -772,11 +828,18 @@ fn example_thousand_prefix_policy_file_loads_into_the_classifier() {
 
 #[test]
 fn uid_ranges_select_rules_by_the_sending_socket() {
-    let mut users = rule("users", Verdict::Drop);
-    users.uids = Some(1..=u32::MAX);
-    let mut root = rule("root", Verdict::Tunnel);
-    root.uids = Some(0..=0);
-    let mut c = classifier(&policy(vec![users, root], Verdict::Pass));
+    let mut c = classifier(
+        r#"
+[[rule]]
+name = "users"
+uid = "1-4294967295"
+action = "drop"
+[[rule]]
+name = "root"
+uid = 0
+action = "tunnel"
+"#,
+    );
     // BPF_PROG_TEST_RUN's fake socket belongs to root.
     assert_eq!(run(&mut c, &v4_udp("10.0.0.1", 1)), TC_ACT_REDIRECT);
     assert_eq!(

@@ -1,5 +1,7 @@
 //! The policy interceptor's kernel side: loading the embedded TC classifier, attaching it, filling
 //! its maps from a compiled policy, and reading back per-rule counters and diverted flows.
+//! Policy is decided in `policy/` (parse, compile); `from_policy` turns the compiled policy into
+//! map contents and `classifier/` writes them, attaches, and reads back.
 //!
 //! Typical use (the `attach` command):
 //! ```no_run
@@ -19,9 +21,7 @@
 //! attached (fail closed), and [`detach_pinned`] removes it. [`FlowTable`] is the flow map
 //! through a handle of its own (sweep, removal).
 
-pub mod attach_cmd;
 mod classifier;
-pub mod detach_cmd;
 pub mod divert;
 mod flow_table;
 mod from_policy;
@@ -29,7 +29,6 @@ mod logs;
 mod object;
 mod pin;
 pub mod proxy;
-mod tables;
 
 pub use classifier::{
     Adoption, AttachMode, Attachment, Classifier, ClassifierEvents, ClassifierOptions, Direction,
@@ -39,7 +38,7 @@ pub use flow_table::{
     FLOW_IDLE_TIMEOUT, FLOW_SWEEP_EVERY, FlowTable, idle_flows, monotonic_now_ns,
 };
 pub use from_policy::set_tables;
+pub use from_policy::{SetTables, TablesError};
 pub use logs::{TracingLog, forward_logs};
 pub use object::CLASSIFIER_OBJECT;
 pub use pin::{DEFAULT_PIN_ROOT, PINNED_MAPS, PinDir, PinError, object_digest};
-pub use tables::{Family, PolicySpec, Prefix, RuleSpec, SetTables, TablesError, build_tables};

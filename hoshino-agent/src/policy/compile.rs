@@ -12,7 +12,7 @@ use hoshino_common::{
 };
 
 use super::error::{PolicyError, Problem};
-use super::model::{Located, Policy, Verdict};
+use super::model::{Family, Located, Policy, Verdict};
 use super::prefix::{IpPrefix, Ipv4Prefix, Ipv6Prefix};
 
 /// One LPM table's entries, sorted by prefix.
@@ -152,9 +152,9 @@ fn kernel_rule(rule: &super::model::Rule) -> KernelRule {
             IpPrefix::V6(_) => v6 = true,
         }
     }
-    k.family = match (v4, v6) {
-        (true, false) => FAMILY_V4,
-        (false, true) => FAMILY_V6,
+    k.family = match (rule.family, v4, v6) {
+        (Some(Family::Ipv4), ..) | (None, true, false) => FAMILY_V4,
+        (Some(Family::Ipv6), ..) | (None, false, true) => FAMILY_V6,
         _ => FAMILY_ANY,
     };
     k

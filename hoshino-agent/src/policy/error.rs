@@ -12,6 +12,10 @@ pub enum Problem {
     Syntax(String),
     #[error("unknown verdict `{0}`, expected one of pass, drop, tunnel, divert")]
     UnknownVerdict(String),
+    #[error("unknown family `{0}`, expected ipv4 or ipv6")]
+    UnknownFamily(String),
+    #[error("`{prefix}` is not an {family} prefix, but the rule says `family = \"{family}\"`")]
+    PrefixOfOtherFamily { prefix: String, family: String },
     #[error("unknown protocol `{0}`, expected tcp, udp, icmp, icmpv6, or a number 0-255")]
     UnknownProtocol(String),
     #[error("protocol number {0} is out of range, expected 0-255")]
@@ -48,6 +52,8 @@ pub enum Problem {
     BadHttpMethod(String),
     #[error("the tunnel carries IPv6 only; `{0}` is an IPv4 prefix")]
     TunnelNeedsIpv6(String),
+    #[error("the tunnel carries IPv6 only; this rule says `family = \"ipv4\"`")]
+    TunnelOnIpv4Family,
     #[error("too many rules: the classifier holds at most {max}")]
     TooManyRules { max: usize },
     #[error("too many {table} prefixes: the classifier's map holds at most {max}")]

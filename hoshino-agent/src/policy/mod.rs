@@ -2,7 +2,6 @@
 //! locations for every error and compiled into the classifier's map contents. Sans-IO except
 //! for [`load`], which reads the file.
 
-pub mod cli;
 pub mod compile;
 pub mod error;
 pub mod model;
@@ -18,8 +17,8 @@ use std::path::Path;
 pub use compile::{CompiledPolicy, PrefixTable, compile};
 pub use error::{PolicyError, Problem};
 pub use model::{
-    DivertPolicy, HttpAction, HttpPolicy, HttpQuestion, HttpRequestRule, PacketAction, Policy,
-    Protocol, Rule, Verdict,
+    DivertPolicy, Family, HttpAction, HttpPolicy, HttpQuestion, HttpRequestRule, PacketAction,
+    Policy, Protocol, Rule, Verdict,
 };
 pub use parse::parse_policy;
 pub use prefix::{IpPrefix, Ipv4Prefix, Ipv6Prefix};

@@ -57,6 +57,39 @@ impl fmt::Display for Verdict {
     }
 }
 
+/// The address family a rule is restricted to (`family = "ipv4"`), for rules that name no
+/// prefix of that family but must not match the other one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Family {
+    Ipv4,
+    Ipv6,
+}
+
+impl Family {
+    pub const NAMES: &'static str = "ipv4, ipv6";
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "ipv4" => Some(Self::Ipv4),
+            "ipv6" => Some(Self::Ipv6),
+            _ => None,
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Ipv4 => "ipv4",
+            Self::Ipv6 => "ipv6",
+        }
+    }
+}
+
+impl fmt::Display for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// An IP protocol number, with names for the common ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Protocol(pub u8);
@@ -301,6 +334,8 @@ pub struct Rule {
     pub name: Located<String>,
     pub dst: Vec<Located<IpPrefix>>,
     pub src: Vec<Located<IpPrefix>>,
+    /// An explicit family restriction; prefixes of one family imply it without this.
+    pub family: Option<Family>,
     pub protocol: Option<Protocol>,
     pub dport: Option<PortRange>,
     pub uid: Option<UidRange>,

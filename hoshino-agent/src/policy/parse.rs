@@ -10,8 +10,8 @@ use toml::Spanned;
 
 use super::error::{PolicyError, Problem, line_col};
 use super::model::{
-    DivertPolicy, HttpAction, HttpPolicy, HttpRequestRule, InclusiveRange, Located, PacketAction,
-    Policy, PortRange, Protocol, Rule, UidRange, Verdict,
+    DivertPolicy, Family, HttpAction, HttpPolicy, HttpRequestRule, InclusiveRange, Located,
+    PacketAction, Policy, PortRange, Protocol, Rule, UidRange, Verdict,
 };
 use super::prefix::IpPrefix;
 use crate::interceptor::proxy::canonical::canonical_prefix;
@@ -35,6 +35,7 @@ struct RawRule {
     dst: Vec<Spanned<String>>,
     #[serde(default)]
     src: Vec<Spanned<String>>,
+    family: Option<Spanned<String>>,
     protocol: Option<Spanned<NumberOrText>>,
     dport: Option<Spanned<NumberOrText>>,
     uid: Option<Spanned<NumberOrText>>,
@@ -153,6 +154,29 @@ fn parse_rule(raw: RawRule) -> Checked<Rule> {
     let verdict = parse_verdict(&raw.action).map_err(|p| (raw.action.span(), p))?;
     let dst = parse_prefixes(&raw.dst)?;
     let src = parse_prefixes(&raw.src)?;
+    let family = match &raw.family {
+        None => None,
+        Some(f) => {
+            let family = Family::from_name(f.get_ref())
+                .ok_or_else(|| (f.span(), Problem::UnknownFamily(f.get_ref().clone())))?;
+            let other = dst.iter().chain(&src).find(|p| {
+                !matches!(
+                    (family, p.value),
+                    (Family::Ipv4, IpPrefix::V4(_)) | (Family::Ipv6, IpPrefix::V6(_))
+                )
+            });
+            if let Some(p) = other {
+                return Err((
+                    p.span.clone(),
+                    Problem::PrefixOfOtherFamily {
+                        prefix: p.value.to_string(),
+                        family: family.name().to_string(),
+                    },
+                ));
+            }
+            Some(family)
+        }
+    };
     let protocol = raw.protocol.as_ref().map(parse_protocol).transpose()?;
     let dport = match &raw.dport {
         None => None,
@@ -169,6 +193,12 @@ fn parse_rule(raw: RawRule) -> Checked<Rule> {
     };
     let uid = raw.uid.as_ref().map(parse_uid_range).transpose()?;
 
+    if verdict == Verdict::Tunnel
+        && family == Some(Family::Ipv4)
+        && let Some(f) = &raw.family
+    {
+        return Err((f.span(), Problem::TunnelOnIpv4Family));
+    }
     if verdict == Verdict::Tunnel
         && let Some(v4) = dst.iter().find(|p| matches!(p.value, IpPrefix::V4(_)))
     {
@@ -222,6 +252,7 @@ fn parse_rule(raw: RawRule) -> Checked<Rule> {
         },
         dst,
         src,
+        family,
         protocol,
         dport,
         uid,

@@ -3,6 +3,8 @@
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
+
 /// An IPv4 or IPv6 prefix whose host bits are zero.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum IpPrefix {
@@ -10,17 +12,13 @@ pub enum IpPrefix {
     V6(Ipv6Prefix),
 }
 
+/// An IPv4 prefix (an `ipnet` network), its host bits always zero.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Ipv4Prefix {
-    addr: u32,
-    len: u8,
-}
+pub struct Ipv4Prefix(Ipv4Net);
 
+/// An IPv6 prefix (an `ipnet` network), its host bits always zero.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Ipv6Prefix {
-    addr: u128,
-    len: u8,
-}
+pub struct Ipv6Prefix(Ipv6Net);
 
 /// Why a prefix string was rejected; the message completes "expected an IP prefix, ...".
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -35,110 +33,84 @@ pub enum PrefixError {
     HostBitsSet { given: String, suggested: String },
 }
 
-fn mask_v4(len: u8) -> u32 {
-    if len == 0 {
-        0
-    } else {
-        u32::MAX << (32 - u32::from(len))
-    }
-}
-
-fn mask_v6(len: u8) -> u128 {
-    if len == 0 {
-        0
-    } else {
-        u128::MAX << (128 - u32::from(len))
-    }
-}
-
 impl Ipv4Prefix {
     /// Builds a prefix, clearing host bits; `len` is clamped to 32.
     pub fn new_truncating(addr: Ipv4Addr, len: u8) -> Self {
-        let len = len.min(32);
-        Self {
-            addr: u32::from(addr) & mask_v4(len),
-            len,
-        }
+        // In range after the clamp, so `new` cannot fail; the fallback is the whole space.
+        Self(Ipv4Net::new(addr, len.min(32)).unwrap_or_default().trunc())
     }
     pub fn addr(&self) -> Ipv4Addr {
-        Ipv4Addr::from(self.addr)
+        self.0.network()
     }
     pub fn prefix_len(&self) -> u8 {
-        self.len
+        self.0.prefix_len()
     }
     /// True if every address of `other` is inside `self`.
     pub fn covers(&self, other: &Ipv4Prefix) -> bool {
-        self.len <= other.len && other.addr & mask_v4(self.len) == self.addr
+        self.0.contains(&other.0)
     }
     /// The prefix of length `len` (<= self.len) containing this one.
     pub fn ancestor(&self, len: u8) -> Self {
-        Self::new_truncating(self.addr(), len.min(self.len))
+        Self::new_truncating(self.addr(), len.min(self.prefix_len()))
     }
 }
 
 impl Ipv6Prefix {
     /// Builds a prefix, clearing host bits; `len` is clamped to 128.
     pub fn new_truncating(addr: Ipv6Addr, len: u8) -> Self {
-        let len = len.min(128);
-        Self {
-            addr: u128::from(addr) & mask_v6(len),
-            len,
-        }
+        Self(Ipv6Net::new(addr, len.min(128)).unwrap_or_default().trunc())
     }
     pub fn addr(&self) -> Ipv6Addr {
-        Ipv6Addr::from(self.addr)
+        self.0.network()
     }
     pub fn prefix_len(&self) -> u8 {
-        self.len
+        self.0.prefix_len()
     }
     pub fn covers(&self, other: &Ipv6Prefix) -> bool {
-        self.len <= other.len && other.addr & mask_v6(self.len) == self.addr
+        self.0.contains(&other.0)
     }
     pub fn ancestor(&self, len: u8) -> Self {
-        Self::new_truncating(self.addr(), len.min(self.len))
+        Self::new_truncating(self.addr(), len.min(self.prefix_len()))
     }
 }
 
 impl IpPrefix {
     /// Parses `ADDR/LEN` or a bare `ADDR` (a host prefix). Host bits must be zero so that a typo
-    /// such as `10.1.2.3/8` is caught instead of silently widening the rule.
+    /// such as `10.1.2.3/8` is caught instead of silently widening the rule: `ipnet` parses,
+    /// and the network must equal its own truncation.
     pub fn parse(text: &str) -> Result<Self, PrefixError> {
+        let text = text.trim();
         let (addr_text, len_text) = match text.split_once('/') {
             Some((a, l)) => (a.trim(), Some(l.trim())),
-            None => (text.trim(), None),
+            None => (text, None),
         };
         let addr: IpAddr = addr_text
             .parse()
             .map_err(|_| PrefixError::BadAddress(addr_text.to_string()))?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
+        // ipnet accepts what `u8::from_str` does (`+8`); a policy length is plain digits.
         let len = match len_text {
             None => max,
-            Some(l) => {
-                if l.is_empty() || !l.bytes().all(|b| b.is_ascii_digit()) || l.len() > 3 {
-                    return Err(PrefixError::BadLength(l.to_string()));
-                }
-                l.parse::<u8>()
-                    .map_err(|_| PrefixError::BadLength(l.to_string()))?
-            }
+            Some(l) if !l.is_empty() && l.len() <= 3 && l.bytes().all(|b| b.is_ascii_digit()) => l
+                .parse::<u8>()
+                .map_err(|_| PrefixError::BadLength(l.to_string()))?,
+            Some(l) => return Err(PrefixError::BadLength(l.to_string())),
         };
-        if len > max {
-            return Err(PrefixError::LengthTooLong {
-                addr: addr_text.to_string(),
-                len,
-                max,
-            });
-        }
-        let prefix = match addr {
-            IpAddr::V4(a) => IpPrefix::V4(Ipv4Prefix::new_truncating(a, len)),
-            IpAddr::V6(a) => IpPrefix::V6(Ipv6Prefix::new_truncating(a, len)),
-        };
-        if prefix.addr() != addr {
+        let net = IpNet::new(addr, len).map_err(|_| PrefixError::LengthTooLong {
+            addr: addr_text.to_string(),
+            len,
+            max,
+        })?;
+        if net.trunc() != net {
             return Err(PrefixError::HostBitsSet {
-                given: text.trim().to_string(),
-                suggested: prefix.to_string(),
+                given: text.to_string(),
+                suggested: net.trunc().to_string(),
             });
         }
-        Ok(prefix)
+        Ok(match net {
+            IpNet::V4(v4) => IpPrefix::V4(Ipv4Prefix(v4)),
+            IpNet::V6(v6) => IpPrefix::V6(Ipv6Prefix(v6)),
+        })
     }
 
     pub fn addr(&self) -> IpAddr {
@@ -158,13 +130,13 @@ impl IpPrefix {
 
 impl fmt::Display for Ipv4Prefix {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr(), self.len)
+        self.0.fmt(f)
     }
 }
 
 impl fmt::Display for Ipv6Prefix {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr(), self.len)
+        self.0.fmt(f)
     }
 }
 

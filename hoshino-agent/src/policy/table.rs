@@ -3,12 +3,12 @@
 use std::fmt::Write as _;
 
 use super::compile::CompiledPolicy;
-use super::model::{DivertPolicy, Located, Rule};
+use super::model::{DivertPolicy, Family, Located, Rule};
 use super::prefix::IpPrefix;
 
-fn prefixes(list: &[Located<IpPrefix>]) -> String {
+fn prefixes(list: &[Located<IpPrefix>], family: Option<Family>) -> String {
     if list.is_empty() {
-        return "any".to_string();
+        return family.map_or_else(|| "any".to_string(), |f| format!("any {f}"));
     }
     list.iter()
         .map(|p| p.value.to_string())
@@ -27,8 +27,8 @@ fn row(rule: &Rule) -> [String; 7] {
         or_any(rule.protocol),
         or_any(rule.dport),
         or_any(rule.uid),
-        prefixes(&rule.dst),
-        prefixes(&rule.src),
+        prefixes(&rule.dst, rule.family),
+        prefixes(&rule.src, rule.family),
     ]
 }
 

@@ -84,6 +84,49 @@ action = "drop"
 }
 
 #[test]
+fn family_restricts_a_rule_without_prefixes_to_one_address_family() {
+    let c = compiled(
+        r#"
+[[rule]]
+name = "v4"
+family = "ipv4"
+action = "drop"
+[[rule]]
+name = "v6-ula"
+family = "ipv6"
+dst = ["fd00::/8"]
+action = "pass"
+"#,
+    );
+    assert_eq!(c.rules[0].family, FAMILY_V4);
+    assert_eq!(c.rules[0].flags, 0, "no other condition");
+    assert!(c.any_dst.contains(0) && c.any_src.contains(0));
+    assert_eq!(c.rules[1].family, FAMILY_V6);
+    assert!(super::table::render(&c).contains("any ipv4"));
+}
+
+#[test]
+fn family_contradicting_a_prefix_or_the_tunnel_is_located() {
+    let e = error(
+        "[[rule]]\nname = \"a\"\nfamily = \"ipv6\"\ndst = [\"10.0.0.0/8\"]\naction = \"drop\"\n",
+    );
+    assert_eq!(
+        e,
+        "p.toml:4:8: `10.0.0.0/8` is not an ipv6 prefix, but the rule says `family = \"ipv6\"`"
+    );
+    let e = error("[[rule]]\nname = \"a\"\nfamily = \"ip4\"\naction = \"drop\"\n");
+    assert_eq!(
+        e,
+        "p.toml:3:10: unknown family `ip4`, expected ipv4 or ipv6"
+    );
+    let e = error("[[rule]]\nname = \"a\"\nfamily = \"ipv4\"\naction = \"tunnel\"\n");
+    assert!(
+        e.starts_with("p.toml:3:10: the tunnel carries IPv6 only"),
+        "{e}"
+    );
+}
+
+#[test]
 fn lpm_entries_include_rules_of_every_covering_prefix() {
     let c = compiled(
         r#"

@@ -1,7 +1,6 @@
 //! The divert TUN (where the classifier redirects `divert` packets, and where resets for the
 //! local client are written) and the raw sockets that reinject allowed packets.
 
-use std::ffi::CString;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 
@@ -78,7 +77,10 @@ impl DivertTun {
             .build_async()
             .map_err(create)?;
         let name = device.name().map_err(create)?;
-        let ifindex = ifindex(&name)?;
+        let ifindex = device.if_index().map_err(|source| DeviceError::Ifindex {
+            name: name.clone(),
+            source,
+        })?;
         for (path, value) in [
             (format!("/proc/sys/net/ipv4/conf/{name}/rp_filter"), "0"),
             (format!("/proc/sys/net/ipv4/conf/{name}/accept_local"), "1"),
@@ -113,21 +115,6 @@ impl DivertTun {
     /// Delivers a packet to the local stack as if it arrived on this device.
     pub async fn deliver(&self, packet: &[u8]) -> io::Result<usize> {
         self.device.send(packet).await
-    }
-}
-
-fn ifindex(name: &str) -> Result<u32, DeviceError> {
-    let err = |source| DeviceError::Ifindex {
-        name: name.to_string(),
-        source,
-    };
-    let c = CString::new(name).map_err(|e| err(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
-    // SAFETY: `c` is a valid NUL-terminated string for the duration of the call.
-    let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
-    if index == 0 {
-        Err(err(io::Error::last_os_error()))
-    } else {
-        Ok(index)
     }
 }
 

@@ -4,7 +4,8 @@
 //! tunnelled traffic is dropped until an agent adopts it again); `--detach-on-exit` removes it on
 //! SIGINT/SIGTERM, `hoshino-agent detach` at any time.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+use std::process::ExitCode;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -12,16 +13,17 @@ use clap::Args;
 use hoshino_common::{FlowKey, FlowValue};
 use tokio::sync::watch;
 
-use super::divert::device::{DeviceError, DivertTun, Reinjector};
-use super::divert::service::{self, DivertContext, FlowLookup, PolicySets};
-use super::{
+use super::tunnel::TunnelArgs;
+use super::{CliError, EXIT_CONFIG, EXIT_RUNTIME};
+use hoshino_agent::interceptor::divert::device::{DeviceError, DivertTun, Reinjector};
+use hoshino_agent::interceptor::divert::service::{self, DivertContext, FlowLookup, PolicySets};
+use hoshino_agent::interceptor::{
     Classifier, ClassifierOptions, DEFAULT_PIN_ROOT, Direction, FLOW_IDLE_TIMEOUT,
     FLOW_SWEEP_EVERY, FlowTable, InterceptorError, forward_logs, monotonic_now_ns,
 };
-use crate::cli::{CliError, ConfigFile, TunnelArgs};
-use crate::metrics::{Metrics, RuleCounter};
-use crate::policy::{self, CompiledPolicy, PolicyError, Verdict};
-use crate::tunnel::{Tunnel, TunnelError};
+use hoshino_agent::metrics::{Metrics, RuleCounter};
+use hoshino_agent::policy::{self, CompiledPolicy, PolicyError, Verdict};
+use hoshino_agent::tunnel::{Tunnel, TunnelError};
 
 /// Default per-uid cap of recorded divert flows (a sixteenth of the table).
 pub const DEFAULT_FLOWS_PER_UID: u32 = hoshino_common::FLOW_CAPACITY / 16;
@@ -33,7 +35,7 @@ pub const DEFAULT_REINJECT_MARK: u32 = 0x6873_6e6f;
 const COUNTERS_EVERY: Duration = Duration::from_secs(1);
 /// The divert TUN's transmit queue, in packets: the classifier redirects bursts into it faster
 /// than the agent reads them (the kernel default, 500, overflowed); as for the tunnel TUN.
-pub const DIVERT_TX_QUEUE_LEN: u32 = crate::edge::netlink::TX_QUEUE_LEN;
+pub const DIVERT_TX_QUEUE_LEN: u32 = hoshino_agent::edge::netlink::TX_QUEUE_LEN;
 
 /// `hoshino-agent attach --interface IF --policy FILE [TUNNEL FLAGS]`.
 #[derive(Debug, Clone, Args)]
@@ -52,8 +54,9 @@ pub struct AttachArgs {
     /// Name of the TUN that receives diverted packets.
     #[arg(long, env = "HOSHINO_DIVERT_TUN", help_heading = "Interceptor", default_value = DEFAULT_DIVERT_TUN)]
     pub divert_tun: String,
-    /// Socket mark of reinjected packets; the classifier lets packets with it pass.
-    #[arg(long, env = "HOSHINO_REINJECT_MARK", help_heading = "Interceptor", default_value = "0x68736e6f", value_parser = parse_mark)]
+    /// Socket mark of reinjected packets, decimal or 0x hex; the classifier lets packets with it
+    /// pass [default: 0x68736e6f, "hsno"].
+    #[arg(long, env = "HOSHINO_REINJECT_MARK", help_heading = "Interceptor", default_value_t = DEFAULT_REINJECT_MARK, hide_default_value = true, value_parser = parse_mark)]
     pub reinject_mark: u32,
     /// Log the classifier's verdicts (aya-log, at debug level, rate limited).
     #[arg(long, env = "HOSHINO_LOG_VERDICTS", help_heading = "Interceptor")]
@@ -108,7 +111,7 @@ pub enum AttachError {
     #[error("cannot install the SIGHUP handler: {0}")]
     Signal(#[source] std::io::Error),
     #[error(transparent)]
-    Netlink(crate::edge::netlink::NetlinkError),
+    Netlink(hoshino_agent::edge::netlink::NetlinkError),
 }
 
 impl AttachError {
@@ -152,23 +155,29 @@ impl FlowLookup for ClassifierFlows {
     }
 }
 
-/// Runs `attach` until `shutdown` resolves; `file` and `config_path` are the `--config` file.
-pub async fn run(
-    args: AttachArgs,
-    file: &ConfigFile,
-    config_path: &Path,
-    shutdown: impl Future<Output = ()>,
-) -> Result<(), AttachError> {
+/// Runs `attach` until SIGINT/SIGTERM, to its exit code.
+pub async fn run_command(args: AttachArgs) -> ExitCode {
+    match run(args, super::shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("hoshino-agent: {e}");
+            ExitCode::from(if e.is_config_error() {
+                EXIT_CONFIG
+            } else {
+                EXIT_RUNTIME
+            })
+        }
+    }
+}
+
+/// Runs `attach` until `shutdown` resolves.
+pub async fn run(args: AttachArgs, shutdown: impl Future<Output = ()>) -> Result<(), AttachError> {
     if args.reinject_mark == 0 {
         return Err(AttachError::ZeroMark);
     }
     let compiled = Arc::new(policy::load(&args.policy)?);
-    let bucket_configured = args
-        .tunnel
-        .bucket
-        .as_deref()
-        .or(file.bucket.as_deref())
-        .is_some_and(|b| !b.is_empty());
+    let bucket_configured = args.tunnel.has_bucket();
     if let Some(rule) = tunnel_rule(&compiled)
         && !bucket_configured
     {
@@ -178,7 +187,7 @@ pub async fn run(
         });
     }
     let tunnel_config = if bucket_configured {
-        Some(args.tunnel.resolve(file, config_path)?)
+        Some(args.tunnel.resolve()?)
     } else {
         None
     };
@@ -191,19 +200,13 @@ pub async fn run(
         }
         None => {
             let metrics = Arc::new(Metrics::default());
-            let from_file = match file.metrics_listen.as_deref() {
-                None => None,
-                Some(text) => Some(text.parse::<std::net::SocketAddr>().map_err(|e| {
-                    AttachError::Metrics(format!("metrics-listen `{text}` in the config file: {e}"))
-                })?),
-            };
-            let listen = args.tunnel.metrics_listen.or(from_file);
+            let listen = args.tunnel.metrics_listen;
             let task = match listen {
                 Some(addr) => {
-                    let listener = crate::edge::metrics_http::bind(addr)
+                    let listener = hoshino_agent::edge::metrics_http::bind(addr)
                         .await
                         .map_err(|e| AttachError::Metrics(e.to_string()))?;
-                    Some(tokio::spawn(crate::edge::metrics_http::serve(
+                    Some(tokio::spawn(hoshino_agent::edge::metrics_http::serve(
                         listener,
                         metrics.clone(),
                     )))
@@ -241,7 +244,7 @@ async fn intercept(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), AttachError> {
     let divert_tun = Arc::new(DivertTun::create(&args.divert_tun)?);
-    let netlink = crate::edge::netlink::Netlink::connect().map_err(AttachError::Netlink)?;
+    let netlink = hoshino_agent::edge::netlink::Netlink::connect().map_err(AttachError::Netlink)?;
     netlink
         .set_tx_queue_len(divert_tun.name(), divert_tun.ifindex(), DIVERT_TX_QUEUE_LEN)
         .await
@@ -345,7 +348,7 @@ async fn intercept(
 
 /// Removes flow entries idle longer than [`FLOW_IDLE_TIMEOUT`], off the async workers (the walk
 /// is one syscall per entry).
-async fn sweep_flows(table: &Arc<Mutex<super::FlowTable>>) {
+async fn sweep_flows(table: &Arc<Mutex<FlowTable>>) {
     let table = table.clone();
     let swept = tokio::task::spawn_blocking(move || {
         let mut table = table.lock().unwrap_or_else(|p| p.into_inner());

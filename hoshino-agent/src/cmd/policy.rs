@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Subcommand};
 
-use super::error::PolicyError;
+use hoshino_agent::policy::error::PolicyError;
 
 /// `hoshino-agent policy <COMMAND>`.
 #[derive(Debug, Subcommand)]
@@ -25,12 +25,12 @@ pub struct PolicyCheckArgs {
 pub fn run(command: &PolicyCommand) -> Result<String, PolicyError> {
     match command {
         PolicyCommand::Check(args) => {
-            let compiled = super::load(&args.file)?;
+            let compiled = hoshino_agent::policy::load(&args.file)?;
             Ok(format!(
                 "{}: {} rules, valid\n{}",
                 args.file.display(),
                 compiled.rules.len(),
-                super::table::render(&compiled)
+                hoshino_agent::policy::table::render(&compiled)
             ))
         }
     }

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use super::{DEFAULT_PIN_ROOT, InterceptorError, detach_pinned};
+use hoshino_agent::interceptor::{DEFAULT_PIN_ROOT, InterceptorError, detach_pinned};
 
 /// `hoshino-agent detach --interface IF [--pin-dir DIR]`.
 #[derive(Debug, Clone, Args)]
