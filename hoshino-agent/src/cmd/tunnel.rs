@@ -125,6 +125,13 @@ pub struct TunnelArgs {
     #[arg(long, env = "HOSHINO_BUNDLE_MAX_AGE", help_heading = "Bundling", value_name = "DURATION",
           default_value_t = duration(BundlerConfig::default().max_age))]
     pub bundle_max_age: humantime::Duration,
+    /// Under load (a PUT to the destination ended less than a PUT latency ago) a bundle smaller
+    /// than this waits up to one PUT latency more to fill: fewer, larger PUTs for bulk traffic
+    /// and coalesced ACKs, while a lone packet to a quiet destination still leaves at once.
+    /// 0 turns the rule off.
+    #[arg(long, env = "HOSHINO_BUNDLE_MIN_FILL", help_heading = "Bundling", value_name = "BYTES",
+          default_value_t = BundlerConfig::default().min_fill_bytes)]
+    pub bundle_min_fill: usize,
     /// PUTs per destination the age rule may have in flight; full bundles always leave.
     #[arg(long, env = "HOSHINO_PUTS_PER_DEST", help_heading = "Bundling",
           default_value_t = BundlerConfig::default().puts_per_dest)]
@@ -192,6 +199,7 @@ impl TunnelArgs {
             },
             bundler: BundlerConfig {
                 max_bytes: self.bundle_max_bytes,
+                min_fill_bytes: self.bundle_min_fill,
                 max_age: self.bundle_max_age.into(),
                 puts_per_dest: self.puts_per_dest,
                 puts_in_flight: self.puts_in_flight,

@@ -8,6 +8,13 @@
 //! - or its oldest packet is `max_age` old and its destination has fewer than `puts_per_dest`
 //!   PUTs in flight (a safety net for a PUT that hangs in its retries).
 //!
+//! One refinement makes bulk traffic cheap: under load (the destination's last PUT ended less
+//! than one PUT latency ago, an EWMA of successful PUTs) a bundle smaller than `min_fill_bytes`
+//! waits until its oldest packet is one PUT latency old. A window-limited flow loses little by it
+//! (a bundle far smaller than the window adds its fill time to the round trip once), while its
+//! bundles, and the ACK bundles coming back, become several times fewer. A lone packet to a
+//! quiet destination still leaves at once.
+//!
 //! So while a PUT is in flight the next bundle grows with the arrival rate for one PUT latency:
 //! bundles are rate x PUT latency (up to `max_bytes`) without a rate estimate, and a direction
 //! that carries only ACKs coalesces them into one PUT per PUT latency instead of one per burst.
@@ -23,6 +30,7 @@ use crate::wire::bundle::{BundleHeader, BundleWriter, HEADER_LEN, MAC_LEN, Netwo
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BundlerConfig {
     pub max_bytes: usize,
+    pub min_fill_bytes: usize,
     pub max_age: Duration,
     pub puts_per_dest: usize,
     pub puts_in_flight: usize,
@@ -35,6 +43,8 @@ impl Default for BundlerConfig {
             // Several MiB: under load bundles grow to this (rate x PUT latency); fewer, larger
             // PUTs are what makes a GiB cheap.
             max_bytes: 4 * 1024 * 1024,
+            // Small against a TCP window of a few MiB, large against an ACK burst.
+            min_fill_bytes: 256 * 1024,
             // Above a PUT's usual latency (S3 Standard's p99 is well under 100 ms), so it fires
             // only when a PUT hangs in its retries.
             max_age: Duration::from_millis(100),
@@ -80,6 +90,14 @@ pub struct Bundler {
     in_flight_per_dest: HashMap<NodeId, usize>,
     in_flight: usize,
     buffered: usize,
+    pace: HashMap<NodeId, Pace>,
+}
+
+/// Per destination: how long its PUTs take (EWMA) and when the last one ended.
+#[derive(Clone, Copy, Debug)]
+struct Pace {
+    latency: Duration,
+    last_done: Instant,
 }
 
 impl Bundler {
@@ -100,7 +118,35 @@ impl Bundler {
             in_flight_per_dest: HashMap::new(),
             in_flight: 0,
             buffered: 0,
+            pace: HashMap::new(),
         }
+    }
+
+    /// A PUT to `dest` succeeded after `took`, at `now`.
+    pub fn put_succeeded(&mut self, dest: NodeId, took: Duration, now: Instant) {
+        let latency = match self.pace.get(&dest) {
+            // Weight 1/4: follows a change of the store's latency within a few PUTs.
+            Some(p) => (p.latency * 3 + took) / 4,
+            None => took,
+        };
+        self.pace.insert(
+            dest,
+            Pace {
+                latency,
+                last_done: now,
+            },
+        );
+    }
+
+    /// While `dest` is under load, how long a small bundle to it waits from its oldest packet
+    /// (one PUT latency), and when the load ends (`None`: not under load).
+    fn fill_wait(&self, dest: &NodeId, now: Instant) -> Option<(Duration, Instant)> {
+        if self.config.min_fill_bytes == 0 {
+            return None;
+        }
+        let p = self.pace.get(dest)?;
+        let busy_until = p.last_done + p.latency;
+        (now < busy_until).then_some((p.latency.min(self.config.max_age), busy_until))
     }
 
     pub fn buffered_bytes(&self) -> usize {
@@ -205,8 +251,16 @@ impl Bundler {
                 .iter()
                 .filter(|(dest, open)| {
                     let in_flight = self.in_flight_per_dest.get(dest).copied().unwrap_or(0);
-                    let aged = now.saturating_duration_since(open.oldest) >= self.config.max_age;
-                    in_flight == 0 || (aged && in_flight < self.config.puts_per_dest)
+                    let age = now.saturating_duration_since(open.oldest);
+                    if in_flight > 0 {
+                        return age >= self.config.max_age && in_flight < self.config.puts_per_dest;
+                    }
+                    match self.fill_wait(dest, now) {
+                        Some((wait, _)) => {
+                            open.writer.len() >= self.config.min_fill_bytes || age >= wait
+                        }
+                        None => true,
+                    }
                 })
                 .min_by_key(|(_, open)| open.oldest)
                 .map(|(dest, _)| *dest);
@@ -232,13 +286,22 @@ impl Bundler {
     }
 
     /// When the oldest open bundle reaches `max_age` (the caller then calls `next_put`).
-    pub fn next_deadline(&self) -> Option<Instant> {
+    pub fn next_deadline(&self, now: Instant) -> Option<Instant> {
         self.open
             .iter()
-            .filter(|(dest, _)| {
-                self.in_flight_per_dest.get(dest).copied().unwrap_or(0) < self.config.puts_per_dest
+            .filter_map(|(dest, o)| {
+                let in_flight = self.in_flight_per_dest.get(dest).copied().unwrap_or(0);
+                if in_flight >= self.config.puts_per_dest {
+                    return None;
+                }
+                if in_flight > 0 {
+                    return Some(o.oldest + self.config.max_age);
+                }
+                // With nothing in flight the bundle is only held by the fill rule (otherwise
+                // `next_put` has taken it already).
+                self.fill_wait(dest, now)
+                    .map(|(wait, busy_until)| (o.oldest + wait).min(busy_until))
             })
-            .map(|(_, o)| o.oldest + self.config.max_age)
             .min()
     }
 
@@ -306,6 +369,47 @@ mod tests {
     }
 
     #[test]
+    fn under_load_a_small_bundle_waits_one_put_latency_to_fill_and_a_quiet_destination_does_not() {
+        let mut b = bundler(BundlerConfig::default());
+        let t = Instant::now();
+        let ms = Duration::from_millis;
+        b.push(D1, &pkt(10), t).unwrap();
+        let first = b.next_put(t).unwrap();
+        b.put_done(D1, first.body.len());
+        b.put_succeeded(D1, ms(20), t + ms(20));
+        // Under load: the PUT ended just now. A small bundle waits up to one PUT latency.
+        b.push(D1, &pkt(10), t + ms(21)).unwrap();
+        assert!(b.next_put(t + ms(22)).is_none());
+        assert_eq!(b.next_deadline(t + ms(22)), Some(t + ms(40)));
+        // Filling to `min_fill_bytes` sends it at once.
+        for _ in 0..30 {
+            b.push(D1, &pkt(10_000), t + ms(23)).unwrap();
+        }
+        let second = b.next_put(t + ms(23)).unwrap();
+        assert!(second.body.len() >= BundlerConfig::default().min_fill_bytes);
+        b.put_done(D1, second.body.len());
+        b.put_succeeded(D1, ms(20), t + ms(43));
+        // Long after the last PUT, the destination is quiet: a lone packet leaves at once.
+        b.push(D1, &pkt(10), t + ms(200)).unwrap();
+        assert!(b.next_put(t + ms(200)).is_some());
+    }
+
+    #[test]
+    fn an_unfilled_bundle_under_load_leaves_after_one_put_latency() {
+        let mut b = bundler(BundlerConfig::default());
+        let t = Instant::now();
+        let ms = Duration::from_millis;
+        b.push(D1, &pkt(10), t).unwrap();
+        let first = b.next_put(t).unwrap();
+        b.put_done(D1, first.body.len());
+        b.put_succeeded(D1, ms(20), t + ms(20));
+        b.push(D1, &pkt(10), t + ms(25)).unwrap();
+        assert!(b.next_put(t + ms(39)).is_none());
+        // The load ended (one PUT latency after the last PUT) before the packet aged.
+        assert_eq!(b.next_put(t + ms(40)).map(|s| s.packets), Some(1));
+    }
+
+    #[test]
     fn full_bundles_are_put_concurrently_while_one_is_in_flight() {
         let cfg = BundlerConfig {
             max_bytes: 1000,
@@ -336,7 +440,7 @@ mod tests {
         b.next_put(t).unwrap();
         b.push(D1, &pkt(10), t).unwrap();
         let max_age = BundlerConfig::default().max_age;
-        assert_eq!(b.next_deadline(), Some(t + max_age));
+        assert_eq!(b.next_deadline(t), Some(t + max_age));
         assert!(b.next_put(t + max_age - Duration::from_millis(1)).is_none());
         assert!(b.next_put(t + max_age).is_some());
     }
@@ -357,7 +461,7 @@ mod tests {
         }
         b.push(D1, &pkt(10), t + age * 3).unwrap();
         assert!(b.next_put(t + age * 10).is_none(), "4 in flight");
-        assert_eq!(b.next_deadline(), None);
+        assert_eq!(b.next_deadline(t + age * 10), None);
         b.put_done(D1, puts[0].body.len());
         assert_eq!(b.next_put(t + age * 10).unwrap().packets, 1);
     }
@@ -397,7 +501,7 @@ mod tests {
         }
         b.push(D1, &pkt(1), t).unwrap();
         b.push(D2, &pkt(1), t + Duration::from_millis(5)).unwrap();
-        assert_eq!(b.next_deadline(), Some(t + Duration::from_millis(20)));
+        assert_eq!(b.next_deadline(t), Some(t + Duration::from_millis(20)));
         assert!(b.next_put(t + Duration::from_millis(19)).is_none());
         assert_eq!(b.next_put(t + Duration::from_millis(20)).unwrap().dest, D1);
     }

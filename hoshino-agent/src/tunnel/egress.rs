@@ -89,8 +89,9 @@ impl<S: Store, T: PacketIo> Egress<S, T> {
         };
         let mut buf = vec![0u8; READ_BUFFER];
         loop {
-            driver.perform_due(clock::now());
-            let deadline = driver.outbox.next_deadline();
+            let now = clock::now();
+            driver.perform_due(now);
+            let deadline = driver.outbox.next_deadline(now);
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => break,

@@ -149,6 +149,8 @@ impl Outbox {
                 body: Bytes::from(put.key),
             });
         }
+        self.bundler
+            .put_succeeded(put.dest, now.saturating_duration_since(put.started), now);
         Some(Outcome::Sent {
             packets: put.packets,
             packet_bytes: put.packet_bytes,
@@ -157,8 +159,8 @@ impl Outbox {
 
     /// When `poll` next has something without a new event (a bundle reaches its age).
     /// (The driver drains `poll` before it waits, so queued actions never need a deadline.)
-    pub fn next_deadline(&self) -> Option<Instant> {
-        self.bundler.next_deadline()
+    pub fn next_deadline(&self, now: Instant) -> Option<Instant> {
+        self.bundler.next_deadline(now)
     }
 
     /// Shutdown: seal every open bundle so `poll` hands them all out, and let each
