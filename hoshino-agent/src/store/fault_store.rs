@@ -68,6 +68,11 @@ impl Latency {
     }
 
     /// The largest latency this model produces.
+    /// The median of a request's added latency (the tail is rarer than half).
+    pub fn median(&self) -> Duration {
+        self.base + self.jitter / 2
+    }
+
     pub fn max(&self) -> Duration {
         self.base + self.jitter + self.tail
     }

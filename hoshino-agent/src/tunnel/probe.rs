@@ -4,6 +4,10 @@
 //! would pay up to 200 misses per second whenever the sender pauses, and its requests per GiB
 //! would be dominated by misses. So:
 //! - consecutive misses of a stream space its probes out, doubling from `MIN_GAP` to `MAX_GAP`;
+//! - a stream with a cadence (finds less than `CADENCE_WITHIN` apart, EWMA interval) that
+//!   misses before its next bundle is due is probed again at three quarters of its interval
+//!   after its last find, and every `MIN_GAP` from then until a quarter interval past the
+//!   expected time;
 //! - a find or a doorbell naming the stream makes it eager again;
 //! - a PUT of ours (a reply is likely) makes every stream without a cadence (bundles found less
 //!   than `CADENCE_WITHIN` apart) eager for its next `EAGER_MISSES` misses: each miss is probed
@@ -24,8 +28,9 @@ pub const MIN_GAP: Duration = Duration::from_millis(5);
 /// latency of a packet that ends a pause without a PUT of ours before it (a reply is found by
 /// the eager probes that PUT starts).
 pub const MAX_GAP: Duration = Duration::from_millis(40);
-/// Misses re-probed at once after a PUT of ours.
-pub const EAGER_MISSES: u32 = 8;
+/// Misses re-probed at once after a PUT of ours (two probes are in flight then, staggered by
+/// half a GET, so this covers about 8 GETs of waiting for a reply).
+pub const EAGER_MISSES: u32 = 16;
 /// Finds closer together than this form a stream's cadence.
 pub const CADENCE_WITHIN: Duration = Duration::from_millis(250);
 
@@ -55,6 +60,11 @@ impl ProbeSchedule {
         self.not_before(stream).is_none_or(|t| now >= t)
     }
 
+    /// Whether `stream` is in its eager window after a PUT of ours (a reply is due).
+    pub fn is_eager(&self, stream: StreamId) -> bool {
+        self.streams.get(&stream).is_some_and(|p| p.eager > 0)
+    }
+
     /// When `stream` may be probed next (`None`: at once).
     pub fn not_before(&self, stream: StreamId) -> Option<Instant> {
         self.streams.get(&stream).and_then(|p| p.not_before)
@@ -71,6 +81,21 @@ impl ProbeSchedule {
             p.eager -= 1;
             p.not_before = None;
             return;
+        }
+        // A stream with a cadence is not due before its last find + its interval: wait until
+        // shortly before then, and from then on probe it closely (the gap restarts).
+        if let (Some(last), Some(interval)) = (p.last_find, p.interval) {
+            let due = last + interval - interval / 4;
+            if now < due {
+                p.gap = Duration::ZERO;
+                p.not_before = Some(due);
+                return;
+            }
+            if now < last + interval + interval / 4 {
+                p.gap = Duration::ZERO;
+                p.not_before = Some(now + MIN_GAP);
+                return;
+            }
         }
         p.gap = if p.gap.is_zero() {
             MIN_GAP
@@ -206,6 +231,28 @@ mod tests {
         assert!(!p.may_probe(S, t + ms(97)), "its misses keep their spacing");
         p.named(S, t + ms(97));
         assert!(p.may_probe(S, t + ms(97)), "the doorbell still names it");
+    }
+
+    #[test]
+    fn a_stream_with_a_cadence_that_misses_early_waits_until_its_next_bundle_is_due() {
+        let t = Instant::now();
+        let mut p = ProbeSchedule::default();
+        for i in 0..5 {
+            p.hit(S, t + ms(200 * i));
+        }
+        let last = t + ms(800);
+        // Probed at once after the find; it missed: the next bundle is due at ~200 ms.
+        p.missed(S, last + ms(5));
+        assert_eq!(p.not_before(S), Some(last + ms(150)));
+        // Around the expected time it is probed closely, without the doubling.
+        for at in [150, 160, 170, 180, 190, 200, 210, 220, 230, 240] {
+            p.missed(S, last + ms(at));
+            assert_eq!(p.not_before(S), Some(last + ms(at) + MIN_GAP), "at {at}");
+        }
+        // Well past it, the usual doubling again.
+        p.missed(S, last + ms(260));
+        p.missed(S, last + ms(266));
+        assert_eq!(p.not_before(S), Some(last + ms(276)));
     }
 
     #[test]
