@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod node_addr;
 pub mod policy;
 pub mod store;
+pub mod supervisor;
 pub mod tunnel;
 pub mod wire;
 

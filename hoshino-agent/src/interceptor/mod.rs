@@ -28,6 +28,7 @@ mod from_policy;
 mod logs;
 mod object;
 mod pin;
+pub mod reload;
 pub mod proxy;
 mod tables;
 
