@@ -195,12 +195,7 @@ impl TunWatch {
     async fn failed(&self) -> (&'static str, LoopFault) {
         loop {
             let notified = self.notify.notified();
-            if let Some(fault) = self
-                .fault
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .take()
-            {
+            if let Some(fault) = self.fault.lock().unwrap_or_else(|p| p.into_inner()).take() {
                 return (self.name, fault);
             }
             notified.await;

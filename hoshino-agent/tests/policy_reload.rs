@@ -44,7 +44,9 @@ async fn a_large_reload_leaves_the_runtime_and_the_divert_policy_lock_free() {
     };
     let mut classifier = Classifier::load(&options).expect("load the classifier (root?)");
     let small = Arc::new(policy::load(&path).expect("small policy compiles"));
-    classifier.install(&small).expect("install the small policy");
+    classifier
+        .install(&small)
+        .expect("install the small policy");
     let policies = Arc::new(RwLock::new(PolicySets::default()));
     policies
         .write()
@@ -91,7 +93,9 @@ async fn a_large_reload_leaves_the_runtime_and_the_divert_policy_lock_free() {
     );
     let active = classifier.lock().expect("classifier").active_set();
     let sets = policies.read().expect("policy sets");
-    let installed = sets.policy(active).expect("the new set's policy is recorded");
+    let installed = sets
+        .policy(active)
+        .expect("the new set's policy is recorded");
     assert_eq!(installed.rules.len(), 2, "the large policy is active");
     assert!(
         installed.dst_v4.entries.len() >= PREFIXES as usize,

@@ -77,7 +77,10 @@ fn reloading_a_16000_prefix_policy_keeps_every_diverted_request_answered() {
         assert!(f.ok(), "every diverted request is answered: {f:?}\n{log}");
         assert_eq!(f.body, INSTANCE_ID, "{f:?}");
     }
-    assert!(log.contains("rules=4"), "the reload installed all rules:\n{log}");
+    assert!(
+        log.contains("rules=4"),
+        "the reload installed all rules:\n{log}"
+    );
     assert!(
         bed.client
             .run("ping", &["-c", "1", "-W", "1", LISTED_HOST])

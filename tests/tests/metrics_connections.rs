@@ -30,12 +30,7 @@ fn limit_descriptors(pid: u32, limit: u64) {
             std::ptr::null_mut(),
         )
     };
-    assert_eq!(
-        rc,
-        0,
-        "prlimit({pid}): {}",
-        std::io::Error::last_os_error()
-    );
+    assert_eq!(rc, 0, "prlimit({pid}): {}", std::io::Error::last_os_error());
 }
 
 /// Raises this process's soft RLIMIT_NOFILE to its hard limit; returns the new soft limit.
@@ -102,10 +97,7 @@ fn ten_thousand_idle_metrics_connections_leave_metrics_and_the_tunnel_working() 
     let metrics = agent
         .metrics()
         .unwrap_or_else(|e| panic!("/metrics answers: {e}\n{}", agent.log_tail(30)));
-    assert!(
-        metrics.has("hoshino_s3_requests_total"),
-        "a full scrape"
-    );
+    assert!(metrics.has("hoshino_s3_requests_total"), "a full scrape");
     for (from, to) in [(node, peer), (peer, node)] {
         let report = ping(
             &from.ns,

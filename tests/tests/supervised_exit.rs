@@ -38,8 +38,14 @@ fn assert_nothing_of_ours_left(ns: &Namespace, log: &str) {
     let links = ns.ip(&["-o", "link", "show"]).expect("links");
     let addrs = ns.ip(&["-6", "addr", "show"]).expect("addrs");
     let routes = ns.ip(&["-6", "route", "show"]).expect("routes");
-    assert!(!links.contains("hoshino0"), "tunnel TUN left:\n{links}\n{log}");
-    assert!(!links.contains("hoshinodv0"), "divert TUN left:\n{links}\n{log}");
+    assert!(
+        !links.contains("hoshino0"),
+        "tunnel TUN left:\n{links}\n{log}"
+    );
+    assert!(
+        !links.contains("hoshinodv0"),
+        "divert TUN left:\n{links}\n{log}"
+    );
     assert!(!addrs.contains(PREFIX), "address left:\n{addrs}\n{log}");
     assert!(!routes.contains(PREFIX), "route left:\n{routes}\n{log}");
 }
@@ -49,8 +55,14 @@ fn deleting_the_tun_under_a_running_tunnel_exits_1_and_leaves_nothing_in_the_ker
     let net = TunnelNet::without_agents(BackendKind::S3sFs, 1, &NetOptions::default())
         .expect("testbed with one node");
     let node = net.node(1).expect("node 1");
-    let mut agent = Agent::start_ready(node, net.endpoint(), net.scratch(), &[], AGENT_READY_TIMEOUT)
-        .expect("agent up");
+    let mut agent = Agent::start_ready(
+        node,
+        net.endpoint(),
+        net.scratch(),
+        &[],
+        AGENT_READY_TIMEOUT,
+    )
+    .expect("agent up");
     node.ns
         .ip(&["link", "del", "hoshino0"])
         .expect("delete the TUN under the agent");
@@ -72,7 +84,10 @@ fn deleting_the_divert_tun_under_a_running_attach_exits_1_and_keeps_only_the_pin
     let status = agent.wait_exit(EXIT_WITHIN);
     let log = agent.log_text();
     assert_eq!(status.code(), Some(1), "{status}\n{log}");
-    assert!(log.contains("the divert loop"), "the log says which loop ended:\n{log}");
+    assert!(
+        log.contains("the divert loop"),
+        "the log says which loop ended:\n{log}"
+    );
     assert_nothing_of_ours_left(&bed.client, &log);
     // Fail closed: the pinned classifier keeps judging (and dropping diverted traffic).
     assert!(bed.pin_dir().join("link").exists(), "pin kept:\n{log}");

@@ -288,15 +288,15 @@ async fn intercept(
     loops.spawn(
         "divert",
         service::run(
-        divert_tun.clone(),
-        DivertContext {
-            reinjector,
-            mark: args.reinject_mark,
-            policies: policies.clone(),
-            flows: Arc::new(ClassifierFlows(flow_table.clone())),
-            stats: metrics.divert.clone(),
-        },
-        stopped,
+            divert_tun.clone(),
+            DivertContext {
+                reinjector,
+                mark: args.reinject_mark,
+                policies: policies.clone(),
+                flows: Arc::new(ClassifierFlows(flow_table.clone())),
+                stats: metrics.divert.clone(),
+            },
+            stopped,
         ),
     );
 
@@ -327,7 +327,9 @@ async fn intercept(
     let outcome = match ended {
         None => Ok(()),
         Some(ended) => {
-            tracing::error!("{ended}; removing the interceptor's state from the kernel and exiting");
+            tracing::error!(
+                "{ended}; removing the interceptor's state from the kernel and exiting"
+            );
             Err(AttachError::LoopEnded(ended))
         }
     };

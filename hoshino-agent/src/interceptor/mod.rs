@@ -28,8 +28,8 @@ mod from_policy;
 mod logs;
 mod object;
 mod pin;
-pub mod reload;
 pub mod proxy;
+pub mod reload;
 mod tables;
 
 pub use classifier::{
