@@ -71,13 +71,12 @@ impl Container {
             etc.join("systemd/system/hoshino-agent.service.d/attach.conf"),
         );
         // FINDING (issue 9): with the unit's capabilities alone (CAP_BPF, CAP_NET_ADMIN, ...)
-        // `attach` fails at its first start: `FlowTable::from_ids` opens the flow maps with
-        // BPF_MAP_GET_FD_BY_ID and aya's `query_tcx` (the pinned-link check) uses
-        // BPF_PROG_GET_FD_BY_ID, and both need CAP_SYS_ADMIN ("classifier map `HOSHINO_FLOWS`:
-        // `bpf_map_get_fd_by_id` failed", then on every restart "the link pinned at ... is not
-        // attached to eth0 in this network namespace"). Until those use the fds the agent
-        // already holds, this test grants CAP_SYS_ADMIN in a drop-in of its own; delete the
-        // drop-in to reproduce the failure.
+        // the first start works, but every restart after `kill -9` fails: the pinned-link
+        // check (`check_attached_here`, aya's `query_tcx`) opens each attached program with
+        // BPF_PROG_GET_FD_BY_ID, which needs CAP_SYS_ADMIN, and the failure reads as "the link
+        // pinned at ... is not attached to eth0 in this network namespace". Until that check
+        // compares ids without opening programs, this test grants CAP_SYS_ADMIN in a drop-in of
+        // its own; delete the drop-in to reproduce the failure.
         std::fs::write(
             etc.join("systemd/system/hoshino-agent.service.d/zz-test-cap-sys-admin.conf"),
             "[Service]\nAmbientCapabilities=CAP_SYS_ADMIN\nCapabilityBoundingSet=CAP_SYS_ADMIN\n",
