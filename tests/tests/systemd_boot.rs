@@ -70,18 +70,6 @@ impl Container {
             deploy_file("hoshino-agent.service.d/attach.conf"),
             etc.join("systemd/system/hoshino-agent.service.d/attach.conf"),
         );
-        // FINDING (issue 9): with the unit's capabilities alone (CAP_BPF, CAP_NET_ADMIN, ...)
-        // the first start works, but every restart after `kill -9` fails: the pinned-link
-        // check (`check_attached_here`, aya's `query_tcx`) opens each attached program with
-        // BPF_PROG_GET_FD_BY_ID, which needs CAP_SYS_ADMIN, and the failure reads as "the link
-        // pinned at ... is not attached to eth0 in this network namespace". Until that check
-        // compares ids without opening programs, this test grants CAP_SYS_ADMIN in a drop-in of
-        // its own; delete the drop-in to reproduce the failure.
-        std::fs::write(
-            etc.join("systemd/system/hoshino-agent.service.d/zz-test-cap-sys-admin.conf"),
-            "[Service]\nAmbientCapabilities=CAP_SYS_ADMIN\nCapabilityBoundingSet=CAP_SYS_ADMIN\n",
-        )
-        .expect("test drop-in");
         copy(policy.to_path_buf(), etc.join("hoshino/policy.toml"));
         // No bucket: `attach` without a tunnel (the policy has no tunnel rule).
         std::fs::write(etc.join("hoshino/agent.toml"), "log-format = \"text\"\n").expect("config");

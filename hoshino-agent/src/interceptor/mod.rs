@@ -31,6 +31,7 @@ mod pin;
 pub mod proxy;
 pub mod reload;
 mod tables;
+mod tcx_query;
 
 pub use classifier::{
     Adoption, AttachMode, Attachment, Classifier, ClassifierEvents, ClassifierOptions, Direction,
