@@ -22,5 +22,6 @@ pub mod metrics;
 pub mod node_addr;
 pub mod policy;
 pub mod store;
+pub mod supervisor;
 pub mod tunnel;
 pub mod wire;

@@ -1,13 +1,23 @@
-//! Counters, gauges and histograms on atomics, rendered in the Prometheus text format.
-//! Sans-IO: the HTTP listener is `metrics_http.rs`.
+//! Where the agent's metrics are counted: typed `prometheus-client` families for everything with
+//! labels (S3 requests, errors and latency by operation; drops, ignores and rejections by
+//! reason), atomics for the plain counters the loops bump, and snapshots for values read from
+//! the kernel (per-rule and classifier counters). `render` encodes them all in the Prometheus
+//! text format (0.0.4). Sans-IO: the HTTP listener is `edge/metrics_http.rs`.
 
 use std::fmt::Write;
 use std::sync::RwLock;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
 /// An S3 operation, the `op` label.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum S3Op {
     Put,
     Get,
@@ -55,7 +65,7 @@ impl S3Op {
 }
 
 /// Why a packet that was ours to carry was lost.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DropReason {
     EgressBufferFull,
     PutFailed,
@@ -84,7 +94,7 @@ impl DropReason {
 }
 
 /// Why a packet read from the TUN was not ours to carry.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum IgnoreReason {
     NotIpv6,
     Malformed,
@@ -112,54 +122,60 @@ impl IgnoreReason {
     }
 }
 
-/// Bundle rejection reasons: `BundleError::reason()` plus `bad_key` (an unparsable key).
-pub const REJECT_REASONS: [&str; 15] = [
-    "oversized",
-    "bad_magic",
-    "bad_version",
-    "bad_flags",
-    "truncated",
-    "bad_count",
-    "bad_packet",
-    "length_mismatch",
-    "bad_mac",
-    "unauthenticated",
-    "no_key",
-    "sender_mismatch",
-    "wrong_destination",
-    "bad_key",
-    // The header's session/seq differ from the key's (a bundle replayed under another key).
-    "key_mismatch",
-];
+/// Label values are the snake_case names the dashboards and tests read.
+macro_rules! label_value {
+    ($($t:ty),*) => {$(
+        impl EncodeLabelValue for $t {
+            fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+                encoder.write_str(self.as_str())
+            }
+        }
+    )*};
+}
+label_value!(S3Op, DropReason, IgnoreReason);
+
+/// `{op}` of the S3 families.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabels {
+    pub op: S3Op,
+}
+
+/// `{reason}` of the dropped-packet family.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DropLabels {
+    pub reason: DropReason,
+}
+
+/// `{reason}` of the ignored-packet family.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IgnoreLabels {
+    pub reason: IgnoreReason,
+}
+
+/// `{reason}` of string-valued reason families (bundle rejections: `BundleError::reason()`,
+/// `bad_key`, `key_mismatch`; the classifier's drops).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
+/// Rejection reasons exported at 0 from the start. Only for that: a reason not listed here is
+/// still counted, under its own label, when it first happens.
+const COMMON_REJECT_REASONS: [&str; 4] = ["bad_key", "bad_mac", "sender_mismatch", "key_mismatch"];
+
+/// `{rule}` of the per-rule families.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RuleLabels {
+    pub rule: String,
+}
 
 /// Upper bounds (seconds) of the S3 latency histogram buckets.
 pub const LATENCY_BUCKETS: [f64; 14] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
 ];
 
-#[derive(Debug, Default)]
-pub struct Histogram {
-    buckets: [AtomicU64; LATENCY_BUCKETS.len()],
-    count: AtomicU64,
-    sum_micros: AtomicU64,
-}
-
-impl Histogram {
-    pub fn observe(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        if let Some(i) = LATENCY_BUCKETS.iter().position(|b| secs <= *b)
-            && let Some(b) = self.buckets.get(i)
-        {
-            b.fetch_add(1, Relaxed);
-        }
-        self.count.fetch_add(1, Relaxed);
-        self.sum_micros
-            .fetch_add(u64::try_from(d.as_micros()).unwrap_or(u64::MAX), Relaxed);
-    }
-
-    pub fn count(&self) -> u64 {
-        self.count.load(Relaxed)
-    }
+fn latency_histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS)
 }
 
 /// A kernel-side rule counter snapshot, filled by the interceptor.
@@ -170,98 +186,134 @@ pub struct RuleCounter {
     pub bytes: u64,
 }
 
-#[derive(Debug, Default)]
+/// The classifier's own drop counters, a snapshot summed over CPUs.
+#[derive(Clone, Copy, Debug, Default)]
+struct ClassifierDrops {
+    flow_table_full: u64,
+    no_redirect_target: u64,
+    uid_flow_cap: u64,
+}
+
+type LatencyFamily = Family<OpLabels, Histogram, fn() -> Histogram>;
+
+#[derive(Debug)]
 pub struct Metrics {
     pub egress_packets: AtomicU64,
     pub egress_bytes: AtomicU64,
     pub ingress_packets: AtomicU64,
     pub ingress_bytes: AtomicU64,
-    dropped: [AtomicU64; DropReason::ALL.len()],
-    ignored: [AtomicU64; IgnoreReason::ALL.len()],
-    rejected: [AtomicU64; REJECT_REASONS.len()],
-    s3_requests: [AtomicU64; S3Op::ALL.len()],
-    s3_errors: [AtomicU64; S3Op::ALL.len()],
-    s3_latency: [Histogram; S3Op::ALL.len()],
-    heartbeat_interval_micros: AtomicU64,
-    heartbeat_idle: AtomicU64,
     pub reorder_skipped: AtomicU64,
     pub duplicate_bundles: AtomicU64,
     pub bells_rung: AtomicU64,
     pub egress_buffer_bytes: AtomicU64,
+    dropped: Family<DropLabels, Counter>,
+    ignored: Family<IgnoreLabels, Counter>,
+    rejected: Family<ReasonLabels, Counter>,
+    s3_requests: Family<OpLabels, Counter>,
+    s3_errors: Family<OpLabels, Counter>,
+    s3_latency: LatencyFamily,
+    heartbeat_interval: Gauge<f64, AtomicU64>,
+    heartbeat_idle: Gauge,
     rules: RwLock<Vec<RuleCounter>>,
+    classifier_drops: RwLock<ClassifierDrops>,
     /// The divert path's counters (the metadata proxy's among them).
     pub divert: std::sync::Arc<crate::interceptor::divert::counters::DivertStats>,
-    classifier_flow_table_full: AtomicU64,
-    classifier_no_redirect_target: AtomicU64,
-    classifier_uid_flow_cap: AtomicU64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let m = Self {
+            egress_packets: AtomicU64::new(0),
+            egress_bytes: AtomicU64::new(0),
+            ingress_packets: AtomicU64::new(0),
+            ingress_bytes: AtomicU64::new(0),
+            reorder_skipped: AtomicU64::new(0),
+            duplicate_bundles: AtomicU64::new(0),
+            bells_rung: AtomicU64::new(0),
+            egress_buffer_bytes: AtomicU64::new(0),
+            dropped: Family::default(),
+            ignored: Family::default(),
+            rejected: Family::default(),
+            s3_requests: Family::default(),
+            s3_errors: Family::default(),
+            s3_latency: Family::new_with_constructor(latency_histogram),
+            heartbeat_interval: Gauge::default(),
+            heartbeat_idle: Gauge::default(),
+            rules: RwLock::new(Vec::new()),
+            classifier_drops: RwLock::new(ClassifierDrops::default()),
+            divert: Default::default(),
+        };
+        // Every known label is exported from the start (at 0), so a dashboard's rate() has a
+        // series before the first event.
+        for op in S3Op::ALL {
+            let labels = OpLabels { op };
+            drop(m.s3_requests.get_or_create(&labels));
+            drop(m.s3_errors.get_or_create(&labels));
+            drop(m.s3_latency.get_or_create(&labels));
+        }
+        for reason in DropReason::ALL {
+            drop(m.dropped.get_or_create(&DropLabels { reason }));
+        }
+        for reason in IgnoreReason::ALL {
+            drop(m.ignored.get_or_create(&IgnoreLabels { reason }));
+        }
+        for reason in COMMON_REJECT_REASONS {
+            drop(m.rejected.get_or_create(&reason_labels(reason)));
+        }
+        m
+    }
 }
 
 impl Metrics {
     pub fn dropped(&self, reason: DropReason, n: u64) {
-        if let Some(c) = self.dropped.get(reason as usize) {
-            c.fetch_add(n, Relaxed);
-        }
+        self.dropped.get_or_create(&DropLabels { reason }).inc_by(n);
     }
 
     pub fn dropped_count(&self, reason: DropReason) -> u64 {
-        self.dropped
-            .get(reason as usize)
-            .map_or(0, |c| c.load(Relaxed))
+        self.dropped.get_or_create(&DropLabels { reason }).get()
     }
 
     pub fn ignored(&self, reason: IgnoreReason) {
-        if let Some(c) = self.ignored.get(reason as usize) {
-            c.fetch_add(1, Relaxed);
-        }
+        self.ignored.get_or_create(&IgnoreLabels { reason }).inc();
     }
 
     pub fn ignored_count(&self, reason: IgnoreReason) -> u64 {
-        self.ignored
-            .get(reason as usize)
-            .map_or(0, |c| c.load(Relaxed))
+        self.ignored.get_or_create(&IgnoreLabels { reason }).get()
     }
 
-    /// Counts a rejected bundle; unknown reasons land on the last known label rather than vanish.
+    /// Counts a rejected bundle under its reason (any reason: a new one is a new series, never
+    /// lost).
     pub fn rejected(&self, reason: &str) {
-        let i = REJECT_REASONS.iter().position(|r| *r == reason);
-        if let Some(c) = i.and_then(|i| self.rejected.get(i)) {
-            c.fetch_add(1, Relaxed);
-        }
+        self.rejected.get_or_create(&reason_labels(reason)).inc();
     }
 
     pub fn rejected_count(&self, reason: &str) -> u64 {
-        REJECT_REASONS
-            .iter()
-            .position(|r| *r == reason)
-            .and_then(|i| self.rejected.get(i))
-            .map_or(0, |c| c.load(Relaxed))
+        self.rejected.get_or_create(&reason_labels(reason)).get()
     }
 
+    /// One S3 request attempt (as billed): counted, its latency observed, an error counted.
     pub fn s3_request(&self, op: S3Op, took: Duration, ok: bool) {
-        let i = op.index();
-        if let Some(c) = self.s3_requests.get(i) {
-            c.fetch_add(1, Relaxed);
+        let labels = OpLabels { op };
+        self.s3_requests.get_or_create(&labels).inc();
+        if !ok {
+            self.s3_errors.get_or_create(&labels).inc();
         }
-        if !ok && let Some(c) = self.s3_errors.get(i) {
-            c.fetch_add(1, Relaxed);
-        }
-        if let Some(h) = self.s3_latency.get(i) {
-            h.observe(took);
-        }
+        self.s3_latency
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64());
     }
 
     pub fn s3_requests(&self, op: S3Op) -> u64 {
-        self.s3_requests
-            .get(op.index())
-            .map_or(0, |c| c.load(Relaxed))
+        self.s3_requests.get_or_create(&OpLabels { op }).get()
+    }
+
+    pub fn s3_errors(&self, op: S3Op) -> u64 {
+        self.s3_errors.get_or_create(&OpLabels { op }).get()
     }
 
     pub fn set_heartbeat(&self, interval: Duration, idle: bool) {
-        self.heartbeat_interval_micros.store(
-            u64::try_from(interval.as_micros()).unwrap_or(u64::MAX),
-            Relaxed,
-        );
-        self.heartbeat_idle.store(u64::from(idle), Relaxed);
+        self.heartbeat_interval.set(interval.as_secs_f64());
+        self.heartbeat_idle.set(i64::from(idle));
     }
 
     /// Dollars spent on requests so far at AWS list prices.
@@ -286,205 +338,161 @@ impl Metrics {
         no_redirect_target: u64,
         uid_flow_cap: u64,
     ) {
-        self.classifier_flow_table_full
-            .store(flow_table_full, Relaxed);
-        self.classifier_no_redirect_target
-            .store(no_redirect_target, Relaxed);
-        self.classifier_uid_flow_cap.store(uid_flow_cap, Relaxed);
+        if let Ok(mut d) = self.classifier_drops.write() {
+            *d = ClassifierDrops {
+                flow_table_full,
+                no_redirect_target,
+                uid_flow_cap,
+            };
+        }
     }
 
+    /// Every metric in the Prometheus text format (0.0.4).
     pub fn render(&self) -> String {
-        let mut out = String::with_capacity(8192);
-        let c = |out: &mut String, name: &str, help: &str, v: u64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
-            );
-        };
-        c(
-            &mut out,
-            "hoshino_egress_packets_total",
-            "Packets read from the TUN and sent into S3.",
-            self.egress_packets.load(Relaxed),
-        );
-        c(
-            &mut out,
-            "hoshino_egress_bytes_total",
-            "Bytes of packets sent into S3.",
-            self.egress_bytes.load(Relaxed),
-        );
-        c(
-            &mut out,
-            "hoshino_ingress_packets_total",
-            "Packets received from S3 and written to the TUN.",
-            self.ingress_packets.load(Relaxed),
-        );
-        c(
-            &mut out,
-            "hoshino_ingress_bytes_total",
-            "Bytes of packets received from S3 and written to the TUN.",
-            self.ingress_bytes.load(Relaxed),
-        );
-        let labeled = |out: &mut String,
-                       name: &str,
-                       help: &str,
-                       label: &str,
-                       rows: &mut dyn Iterator<Item = (&str, u64)>| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-            for (l, v) in rows {
-                let _ = writeln!(out, "{name}{{{label}=\"{l}\"}} {v}");
-            }
-        };
-        labeled(
-            &mut out,
-            "hoshino_dropped_packets_total",
-            "Packets lost, by reason.",
-            "reason",
-            &mut DropReason::ALL
-                .iter()
-                .map(|r| (r.as_str(), self.dropped_count(*r))),
-        );
-        labeled(
-            &mut out,
-            "hoshino_ignored_packets_total",
-            "Packets read from the TUN that are not carried (not IPv6, outside the prefix, ...).",
-            "reason",
-            &mut IgnoreReason::ALL
-                .iter()
-                .map(|r| (r.as_str(), self.ignored_count(*r))),
-        );
-        labeled(
-            &mut out,
-            "hoshino_bundles_rejected_total",
-            "Objects in the inbox that were rejected and deleted, by reason.",
-            "reason",
-            &mut REJECT_REASONS.iter().map(|r| (*r, self.rejected_count(r))),
-        );
-        labeled(
-            &mut out,
-            "hoshino_s3_requests_total",
-            "S3 requests made, by operation.",
-            "op",
-            &mut S3Op::ALL.iter().map(|o| (o.as_str(), self.s3_requests(*o))),
-        );
-        labeled(
-            &mut out,
-            "hoshino_s3_errors_total",
-            "S3 requests that failed after retries, by operation.",
-            "op",
-            &mut S3Op::ALL.iter().map(|o| {
-                (
-                    o.as_str(),
-                    self.s3_errors.get(o.index()).map_or(0, |c| c.load(Relaxed)),
-                )
-            }),
-        );
-        let name = "hoshino_s3_request_duration_seconds";
-        let _ = writeln!(
-            out,
-            "# HELP {name} S3 request latency including retries, by operation.\n# TYPE {name} histogram"
-        );
-        for op in S3Op::ALL {
-            let Some(h) = self.s3_latency.get(op.index()) else {
-                continue;
-            };
-            let mut cumulative = 0;
-            for (bound, b) in LATENCY_BUCKETS.iter().zip(h.buckets.iter()) {
-                cumulative += b.load(Relaxed);
-                let _ = writeln!(
-                    out,
-                    "{name}_bucket{{op=\"{}\",le=\"{bound}\"}} {cumulative}",
-                    op.as_str()
-                );
-            }
-            let count = h.count.load(Relaxed);
-            let sum = h.sum_micros.load(Relaxed) as f64 / 1e6;
-            let op = op.as_str();
-            let _ = writeln!(out, "{name}_bucket{{op=\"{op}\",le=\"+Inf\"}} {count}");
-            let _ = writeln!(out, "{name}_sum{{op=\"{op}\"}} {sum}");
-            let _ = writeln!(out, "{name}_count{{op=\"{op}\"}} {count}");
+        let mut registry = Registry::default();
+        self.register(&mut registry);
+        self.divert.register(&mut registry);
+        let mut out = String::with_capacity(16 * 1024);
+        if prometheus_client::encoding::prometheus_text::encode(&mut out, &registry).is_err() {
+            // Writing into a String cannot fail; keep what was encoded.
+            tracing::warn!("encoding the metrics failed");
         }
-        let g = |out: &mut String, name: &str, help: &str, v: String| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
-        };
-        g(
-            &mut out,
+        out
+    }
+
+    /// Registers every metric for one scrape: the families are shared (cheap clones), the
+    /// atomics and kernel snapshots are read now. Names without `_total`: the encoder appends
+    /// it to counters.
+    fn register(&self, r: &mut Registry) {
+        let plain = |a: &AtomicU64| ConstCounter::new(a.load(Relaxed));
+        r.register(
+            "hoshino_egress_packets",
+            "Packets read from the TUN and sent into S3",
+            plain(&self.egress_packets),
+        );
+        r.register(
+            "hoshino_egress_bytes",
+            "Bytes of packets sent into S3",
+            plain(&self.egress_bytes),
+        );
+        r.register(
+            "hoshino_ingress_packets",
+            "Packets received from S3 and written to the TUN",
+            plain(&self.ingress_packets),
+        );
+        r.register(
+            "hoshino_ingress_bytes",
+            "Bytes of packets received from S3 and written to the TUN",
+            plain(&self.ingress_bytes),
+        );
+        r.register(
+            "hoshino_dropped_packets",
+            "Packets lost, by reason",
+            self.dropped.clone(),
+        );
+        r.register(
+            "hoshino_ignored_packets",
+            "Packets read from the TUN that are not carried (not IPv6, outside the prefix, ...)",
+            self.ignored.clone(),
+        );
+        r.register(
+            "hoshino_bundles_rejected",
+            "Objects in the inbox that were rejected and deleted, by reason",
+            self.rejected.clone(),
+        );
+        r.register(
+            "hoshino_s3_requests",
+            "S3 request attempts made (each is billed), by operation",
+            self.s3_requests.clone(),
+        );
+        r.register(
+            "hoshino_s3_errors",
+            "S3 request attempts that failed, by operation",
+            self.s3_errors.clone(),
+        );
+        r.register(
+            "hoshino_s3_request_duration_seconds",
+            "S3 request attempt latency, by operation",
+            self.s3_latency.clone(),
+        );
+        r.register(
             "hoshino_heartbeat_interval_seconds",
-            "Current inbox polling interval (the bell interval when idle).",
-            (self.heartbeat_interval_micros.load(Relaxed) as f64 / 1e6).to_string(),
+            "Current inbox polling interval (the bell interval when idle)",
+            self.heartbeat_interval.clone(),
         );
-        g(
-            &mut out,
+        r.register(
             "hoshino_heartbeat_idle",
-            "1 when only the doorbell is polled.",
-            self.heartbeat_idle.load(Relaxed).to_string(),
+            "1 when only the doorbell is polled",
+            self.heartbeat_idle.clone(),
         );
-        g(
-            &mut out,
+        r.register(
             "hoshino_egress_buffer_bytes",
-            "Bytes held in open, sealed and in-flight bundles.",
-            self.egress_buffer_bytes.load(Relaxed).to_string(),
+            "Bytes held in open, sealed and in-flight bundles",
+            ConstGauge::new(
+                i64::try_from(self.egress_buffer_bytes.load(Relaxed)).unwrap_or(i64::MAX),
+            ),
         );
-        let name = "hoshino_estimated_cost_dollars_total";
-        let _ = writeln!(
-            out,
-            "# HELP {name} S3 request cost at AWS list prices ($0.005/1000 PUT and LIST, $0.0004/1000 GET and HEAD, DELETE free).\n# TYPE {name} counter\n{name} {}",
-            self.estimated_cost_dollars()
+        r.register(
+            "hoshino_estimated_cost_dollars",
+            "S3 request cost at AWS list prices ($0.005/1000 PUT, LIST and DeleteObjects, $0.0004/1000 GET and HEAD, DELETE free)",
+            ConstCounter::new(self.estimated_cost_dollars()),
         );
-        c(
-            &mut out,
-            "hoshino_reorder_skipped_total",
-            "Bundle sequence numbers skipped after the gap timeout.",
-            self.reorder_skipped.load(Relaxed),
+        r.register(
+            "hoshino_reorder_skipped",
+            "Bundle sequence numbers skipped after the gap timeout",
+            plain(&self.reorder_skipped),
         );
-        c(
-            &mut out,
-            "hoshino_duplicate_bundles_total",
-            "Bundles dropped as already delivered.",
-            self.duplicate_bundles.load(Relaxed),
+        r.register(
+            "hoshino_duplicate_bundles",
+            "Bundles dropped as already delivered",
+            plain(&self.duplicate_bundles),
         );
-        c(
-            &mut out,
-            "hoshino_bells_rung_total",
-            "Doorbell PUTs made to wake idle receivers.",
-            self.bells_rung.load(Relaxed),
+        r.register(
+            "hoshino_bells_rung",
+            "Doorbell PUTs made to wake idle receivers",
+            plain(&self.bells_rung),
         );
-        let name = "hoshino_classifier_drops_total";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Packets the classifier dropped besides drop rules: a new divert flow refused by the full flow table or the per-uid cap, or a redirect without a target.\n# TYPE {name} counter\n{name}{{reason=\"flow_table_full\"}} {}\n{name}{{reason=\"no_redirect_target\"}} {}\n{name}{{reason=\"uid_flow_cap\"}} {}",
-            self.classifier_flow_table_full.load(Relaxed),
-            self.classifier_no_redirect_target.load(Relaxed),
-            self.classifier_uid_flow_cap.load(Relaxed),
+        let drops = self.classifier_drops.read().map(|d| *d).unwrap_or_default();
+        let classifier: Family<ReasonLabels, Counter> = Family::default();
+        for (reason, n) in [
+            ("flow_table_full", drops.flow_table_full),
+            ("no_redirect_target", drops.no_redirect_target),
+            ("uid_flow_cap", drops.uid_flow_cap),
+        ] {
+            classifier.get_or_create(&reason_labels(reason)).inc_by(n);
+        }
+        r.register(
+            "hoshino_classifier_drops",
+            "Packets the classifier dropped besides drop rules: a new divert flow refused by the full flow table or the per-uid cap, or a redirect without a target",
+            classifier,
         );
         let rules = self.rules.read().map(|r| r.clone()).unwrap_or_default();
-        for (name, help, pick) in [
-            (
-                "hoshino_rule_packets_total",
-                "Packets matched per policy rule (from the classifier).",
-                (|r: &RuleCounter| r.packets) as fn(&RuleCounter) -> u64,
-            ),
-            (
-                "hoshino_rule_bytes_total",
-                "Bytes matched per policy rule (from the classifier).",
-                |r: &RuleCounter| r.bytes,
-            ),
-        ] {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-            for r in &rules {
-                let rule = escape_label(&r.rule);
-                let _ = writeln!(out, "{name}{{rule=\"{rule}\"}} {}", pick(r));
-            }
+        let (packets, bytes): (Family<RuleLabels, Counter>, Family<RuleLabels, Counter>) =
+            (Family::default(), Family::default());
+        for rule in &rules {
+            let labels = RuleLabels {
+                rule: rule.rule.clone(),
+            };
+            packets.get_or_create(&labels).inc_by(rule.packets);
+            bytes.get_or_create(&labels).inc_by(rule.bytes);
         }
-        self.divert.render(&mut out);
-        out
+        r.register(
+            "hoshino_rule_packets",
+            "Packets matched per policy rule (from the classifier)",
+            packets,
+        );
+        r.register(
+            "hoshino_rule_bytes",
+            "Bytes matched per policy rule (from the classifier)",
+            bytes,
+        );
     }
 }
 
-fn escape_label(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+fn reason_labels(reason: &str) -> ReasonLabels {
+    ReasonLabels {
+        reason: reason.to_string(),
+    }
 }
 
 #[cfg(test)]
@@ -494,6 +502,13 @@ mod tests {
     #[test]
     fn render_has_help_and_type_for_every_design_metric() {
         let m = Metrics::default();
+        // Per-rule series exist once the interceptor published a snapshot (a tunnel-only agent
+        // has no rules, and an empty family renders nothing).
+        m.set_rule_counters(vec![RuleCounter {
+            rule: "default".into(),
+            packets: 0,
+            bytes: 0,
+        }]);
         let text = m.render();
         for name in [
             "hoshino_egress_packets_total",
@@ -564,10 +579,11 @@ mod tests {
     }
 
     #[test]
-    fn every_bundle_error_reason_has_a_label() {
+    fn every_bundle_error_reason_is_counted_under_its_own_label() {
         use crate::node_addr::NodeId;
         use crate::wire::bundle::BundleError;
-        for e in [
+        let m = Metrics::default();
+        let errors = [
             BundleError::Oversized(0),
             BundleError::BadMagic([0; 4]),
             BundleError::BadVersion(0),
@@ -594,8 +610,17 @@ mod tests {
                 header: NodeId(0),
                 us: NodeId(1),
             },
-        ] {
-            assert!(REJECT_REASONS.contains(&e.reason()), "{}", e.reason());
+        ];
+        for e in &errors {
+            m.rejected(e.reason());
+        }
+        let text = m.render();
+        for e in &errors {
+            let line = format!(
+                "hoshino_bundles_rejected_total{{reason=\"{}\"}} 1",
+                e.reason()
+            );
+            assert!(text.contains(&line), "{line}\n{text}");
         }
     }
 

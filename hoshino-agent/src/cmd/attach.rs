@@ -17,12 +17,14 @@ use super::tunnel::TunnelArgs;
 use super::{CliError, EXIT_CONFIG, EXIT_RUNTIME};
 use hoshino_agent::interceptor::divert::device::{DeviceError, DivertTun, Reinjector};
 use hoshino_agent::interceptor::divert::service::{self, DivertContext, FlowLookup, PolicySets};
+use hoshino_agent::interceptor::reload::{PolicyReload, tunnel_rule};
 use hoshino_agent::interceptor::{
     Classifier, ClassifierOptions, DEFAULT_PIN_ROOT, Direction, FLOW_IDLE_TIMEOUT,
     FLOW_SWEEP_EVERY, FlowTable, InterceptorError, forward_logs, monotonic_now_ns,
 };
 use hoshino_agent::metrics::{Metrics, RuleCounter};
-use hoshino_agent::policy::{self, CompiledPolicy, PolicyError, Verdict};
+use hoshino_agent::policy::{self, CompiledPolicy, PolicyError};
+use hoshino_agent::supervisor::{LoopEnded, Supervisor};
 use hoshino_agent::tunnel::{Tunnel, TunnelError};
 
 /// Default per-uid cap of recorded divert flows (a sixteenth of the table).
@@ -112,6 +114,8 @@ pub enum AttachError {
     Signal(#[source] std::io::Error),
     #[error(transparent)]
     Netlink(hoshino_agent::edge::netlink::NetlinkError),
+    #[error("interceptor stopped: {0}")]
+    LoopEnded(#[from] LoopEnded),
 }
 
 impl AttachError {
@@ -125,16 +129,6 @@ impl AttachError {
             _ => false,
         }
     }
-}
-
-/// The first rule of `policy` with a `tunnel` verdict.
-fn tunnel_rule(policy: &CompiledPolicy) -> Option<&str> {
-    policy
-        .policy
-        .rules
-        .iter()
-        .find(|r| r.verdict == Verdict::Tunnel)
-        .map(|r| r.name.value.as_str())
 }
 
 /// The divert path's view of the flow map: its own handle, so per-connection lookups never wait
@@ -192,42 +186,51 @@ pub async fn run(args: AttachArgs, shutdown: impl Future<Output = ()>) -> Result
         None
     };
 
-    let (tunnel, metrics, metrics_task) = match tunnel_config {
+    // The metrics listener of an agent without a tunnel (the tunnel serves its own).
+    let mut listener_loop = Supervisor::new();
+    let (listener_stop, listener_stopped) = watch::channel(false);
+    let (mut tunnel, metrics) = match tunnel_config {
         Some(config) => {
             let tunnel = Tunnel::start(config).await?;
             let metrics = tunnel.metrics.clone();
-            (Some(tunnel), metrics, None)
+            (Some(tunnel), metrics)
         }
         None => {
             let metrics = Arc::new(Metrics::default());
-            let listen = args.tunnel.metrics_listen;
-            let task = match listen {
-                Some(addr) => {
-                    let listener = hoshino_agent::edge::metrics_http::bind(addr)
-                        .await
-                        .map_err(|e| AttachError::Metrics(e.to_string()))?;
-                    Some(tokio::spawn(hoshino_agent::edge::metrics_http::serve(
+            if let Some(addr) = args.tunnel.metrics_listen {
+                let listener = hoshino_agent::edge::metrics_http::bind(addr)
+                    .await
+                    .map_err(|e| AttachError::Metrics(e.to_string()))?;
+                listener_loop.spawn(
+                    "metrics",
+                    hoshino_agent::edge::metrics_http::serve(
                         listener,
                         metrics.clone(),
-                    )))
-                }
-                None => None,
-            };
-            (None, metrics, task)
+                        listener_stopped,
+                    ),
+                );
+            }
+            (None, metrics)
         }
     };
 
-    let result = intercept(
-        &args,
-        compiled,
-        tunnel.as_ref().map(|t| t.ifindex),
-        &metrics,
-        shutdown,
-    )
-    .await;
-    if let Some(task) = metrics_task {
-        task.abort();
-    }
+    let tunnel_ifindex = tunnel.as_ref().map(|t| t.ifindex);
+    // The tunnel's loops and the metrics listener end the interceptor too.
+    let ended = async {
+        let tunnel_ended = async {
+            match tunnel.as_mut() {
+                Some(t) => t.ended().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            ended = tunnel_ended => ended,
+            ended = listener_loop.ended() => ended,
+        }
+    };
+    let result = intercept(&args, compiled, tunnel_ifindex, &metrics, shutdown, ended).await;
+    let _ = listener_stop.send(true);
+    listener_loop.stop(Duration::from_secs(2)).await;
     if let Some(tunnel) = tunnel
         && let Err(e) = tunnel.stop().await
     {
@@ -242,6 +245,7 @@ async fn intercept(
     tunnel_ifindex: Option<u32>,
     metrics: &Arc<Metrics>,
     shutdown: impl Future<Output = ()>,
+    elsewhere_ended: impl Future<Output = LoopEnded>,
 ) -> Result<(), AttachError> {
     let divert_tun = Arc::new(DivertTun::create(&args.divert_tun)?);
     let netlink = hoshino_agent::edge::netlink::Netlink::connect().map_err(AttachError::Netlink)?;
@@ -286,34 +290,58 @@ async fn intercept(
     );
 
     let (stop, stopped) = watch::channel(false);
-    let divert_task = tokio::spawn(service::run(
-        divert_tun.clone(),
-        DivertContext {
-            reinjector,
-            mark: args.reinject_mark,
-            policies: policies.clone(),
-            flows: Arc::new(ClassifierFlows(flow_table.clone())),
-            stats: metrics.divert.clone(),
-        },
-        stopped,
-    ));
+    let mut loops = Supervisor::new();
+    loops.spawn(
+        "divert",
+        service::run(
+            divert_tun.clone(),
+            DivertContext {
+                reinjector,
+                mark: args.reinject_mark,
+                policies: policies.clone(),
+                flows: Arc::new(ClassifierFlows(flow_table.clone())),
+                stats: metrics.divert.clone(),
+            },
+            stopped,
+        ),
+    );
 
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .map_err(AttachError::Signal)?;
     let mut counters = tokio::time::interval(COUNTERS_EVERY);
     let mut sweep = tokio::time::interval(FLOW_SWEEP_EVERY);
     tokio::pin!(shutdown);
-    loop {
+    tokio::pin!(elsewhere_ended);
+    let ended = loop {
         tokio::select! {
-            () = &mut shutdown => break,
-            _ = hangup.recv() => reload(args, tunnel_ifindex.is_some(), &classifier, &policies),
+            () = &mut shutdown => break None,
+            ended = &mut elsewhere_ended => break Some(ended),
+            ended = loops.ended() => break Some(ended),
+            _ = hangup.recv() => {
+                let reload = PolicyReload {
+                    path: args.policy.clone(),
+                    tunnel_running: tunnel_ifindex.is_some(),
+                    classifier: classifier.clone(),
+                    policies: policies.clone(),
+                };
+                reload.run().await;
+            }
             _ = counters.tick() => publish_counters(&classifier, metrics),
             _ = sweep.tick() => sweep_flows(&flow_table).await,
         }
-    }
+    };
+    let outcome = match ended {
+        None => Ok(()),
+        Some(ended) => {
+            tracing::error!(
+                "{ended}; removing the interceptor's state from the kernel and exiting"
+            );
+            Err(AttachError::LoopEnded(ended))
+        }
+    };
 
     let _ = stop.send(true);
-    let _ = divert_task.await;
+    loops.stop(Duration::from_secs(5)).await;
     if let Some(task) = log_task {
         task.abort();
     }
@@ -326,7 +354,7 @@ async fn intercept(
                 "interceptor left attached (pinned): diverted and tunnelled traffic is dropped until an agent adopts it; `hoshino-agent detach --interface {}` removes it",
                 args.interface
             );
-            return Ok(());
+            return outcome;
         }
         classifier.detach()?;
         classifier.created_clsact().to_vec()
@@ -343,7 +371,7 @@ async fn intercept(
         }
     }
     tracing::info!(interface = %args.interface, "interceptor detached");
-    Ok(())
+    outcome
 }
 
 /// Removes flow entries idle longer than [`FLOW_IDLE_TIMEOUT`], off the async workers (the walk
@@ -367,42 +395,15 @@ fn write_policies(policies: &RwLock<PolicySets>) -> std::sync::RwLockWriteGuard<
     policies.write().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Re-reads the policy file; on any error the running policy stays and the error is logged.
-fn reload(
-    args: &AttachArgs,
-    tunnel_running: bool,
-    classifier: &Mutex<Classifier>,
-    policies: &RwLock<PolicySets>,
-) {
-    let compiled = match policy::load(&args.policy) {
-        Ok(c) => Arc::new(c),
-        Err(e) => {
-            tracing::error!("policy reload failed, keeping the current policy: {e}");
-            return;
-        }
-    };
-    if let Some(rule) = tunnel_rule(&compiled)
-        && !tunnel_running
-    {
-        tracing::error!(
-            "policy reload failed, keeping the current policy: {}: rule `{rule}` tunnels packets, but the agent runs without a tunnel",
-            args.policy.display()
-        );
-        return;
-    }
-    let mut classifier = classifier.lock().unwrap_or_else(|p| p.into_inner());
-    match classifier.install(&compiled) {
-        Ok(()) => {
-            write_policies(policies).set(classifier.active_set(), compiled.clone());
-            tracing::info!(policy = %args.policy.display(), rules = compiled.rules.len(), "policy reloaded");
-        }
-        Err(e) => tracing::error!("policy reload failed, keeping the current policy: {e}"),
-    }
-}
-
 fn publish_counters(classifier: &Mutex<Classifier>, metrics: &Metrics) {
+    // A reload fills maps under this lock for a while; the counters wait for the next tick
+    // rather than block an async worker.
     let (stats, events) = {
-        let classifier = classifier.lock().unwrap_or_else(|p| p.into_inner());
+        let classifier = match classifier.try_lock() {
+            Ok(c) => c,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return,
+        };
         (classifier.rule_stats(), classifier.events())
     };
     match events {

@@ -46,11 +46,15 @@ impl std::fmt::Debug for FlowTable {
 }
 
 impl FlowTable {
-    /// Opens the flow map and the per-uid counts by kernel id (see `Classifier::flow_table`).
-    pub(crate) fn from_ids(flows: u32, uid_flows: u32) -> Result<Self, InterceptorError> {
-        let data = MapData::from_id(flows).map_err(map_err)?;
+    /// The flow map and the per-uid counts from descriptors of their own (see
+    /// `Classifier::flow_table`).
+    pub(crate) fn from_fds(
+        flows: std::os::fd::OwnedFd,
+        uid_flows: std::os::fd::OwnedFd,
+    ) -> Result<Self, InterceptorError> {
+        let data = MapData::from_fd(flows).map_err(map_err)?;
         let map = HashMap::try_from(Map::HashMap(data)).map_err(map_err)?;
-        let data = MapData::from_id(uid_flows).map_err(uid_map_err)?;
+        let data = MapData::from_fd(uid_flows).map_err(uid_map_err)?;
         let uids = HashMap::try_from(Map::HashMap(data)).map_err(uid_map_err)?;
         Ok(Self { map, uids })
     }

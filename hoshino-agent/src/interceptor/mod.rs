@@ -29,6 +29,8 @@ mod logs;
 mod object;
 mod pin;
 pub mod proxy;
+pub mod reload;
+mod tcx_query;
 
 pub use classifier::{
     Adoption, AttachMode, Attachment, Classifier, ClassifierEvents, ClassifierOptions, Direction,

@@ -3,8 +3,10 @@
 //!
 //! Library API for other subcommands (e.g. `attach`): `Tunnel::start(config)` returns a running
 //! tunnel exposing the TUN's name and index (to redirect traffic into it), the node address and
-//! the shared `Metrics`; `Tunnel::stop()` removes everything from the kernel. `run(config,
-//! shutdown)` does both around a shutdown future.
+//! the shared `Metrics`; `Tunnel::ended()` resolves when one of its loops ends, fails or
+//! panics, or its TUN fails (`supervisor.rs`); `Tunnel::stop()` removes everything from the
+//! kernel. `run(config, shutdown)` does both around a shutdown future and returns an error when
+//! a loop ended first.
 
 pub mod bundler;
 pub mod cursor;
@@ -24,13 +26,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 
 use crate::edge::netlink::{LinkConfig, Netlink, NetlinkError};
 use crate::edge::s3::{S3Settings, S3Store};
 use crate::edge::tun_device::{self, TunError};
 use crate::metrics::Metrics;
 use crate::node_addr::{NetworkPrefix, NodeAddr, NodeAddrError, NodeId};
+use crate::supervisor::{LoopEnded, Supervisor, WatchedTun};
 use crate::tunnel::bundler::{Bundler, BundlerConfig};
 use crate::tunnel::cursor::CursorFile;
 use crate::tunnel::egress::Egress;
@@ -76,6 +78,8 @@ pub enum TunnelError {
     MetricsHttp(#[from] crate::edge::metrics_http::MetricsHttpError),
     #[error(transparent)]
     Cursor(#[from] crate::tunnel::cursor::CursorError),
+    #[error("tunnel stopped: {0}")]
+    LoopEnded(#[from] LoopEnded),
 }
 
 impl TunnelError {
@@ -212,8 +216,7 @@ pub struct Tunnel {
     /// Where the metrics endpoint actually listens (useful with port 0).
     pub metrics_addr: Option<SocketAddr>,
     shutdown: watch::Sender<bool>,
-    tasks: Vec<JoinHandle<()>>,
-    metrics_task: Option<JoinHandle<()>>,
+    loops: Supervisor,
     netlink: Netlink,
     link: LinkConfig,
     tun: Option<tun_device::TunDevice>,
@@ -231,15 +234,19 @@ impl Tunnel {
         let cursor_file = CursorFile::new(&config.state_dir, addr.id);
         let cursor = cursor_file.load()?;
         let metrics = Arc::new(Metrics::default());
-        let (metrics_task, metrics_addr) = match config.metrics_listen {
+        let (shutdown, rx) = watch::channel(false);
+        let mut loops = Supervisor::new();
+        let metrics_addr = match config.metrics_listen {
             Some(listen) => {
                 let listener = crate::edge::metrics_http::bind(listen).await?;
                 let bound = listener.local_addr().ok();
-                let task =
-                    tokio::spawn(crate::edge::metrics_http::serve(listener, metrics.clone()));
-                (Some(task), bound)
+                loops.spawn(
+                    "metrics",
+                    crate::edge::metrics_http::serve(listener, metrics.clone(), rx.clone()),
+                );
+                bound
             }
-            None => (None, None),
+            None => None,
         };
         let tun = tun_device::create(&config.tun_name)?;
         let netlink = Netlink::connect()?;
@@ -252,19 +259,22 @@ impl Tunnel {
         };
         if let Err(e) = netlink.configure(&link).await {
             let _ = netlink.remove(&link).await;
-            if let Some(t) = metrics_task {
-                t.abort();
-            }
+            let _ = shutdown.send(true);
+            loops.stop(Duration::from_secs(1)).await;
             return Err(e.into());
         }
         tracing::info!(tun = %link.link, address = %addr, mtu = config.mtu, "TUN configured");
         let client = crate::edge::s3::client(&config.s3).await;
         let store = S3Store::with_settings(client, &config.s3, metrics.clone());
         let session = rand_session();
-        let (shutdown, rx) = watch::channel(false);
+        // Both loops use the TUN through one watch: a TUN deleted under the agent fails their
+        // reads or writes, and the supervisor learns of it at once.
+        let (device, tun_watch) = WatchedTun::new(tun.device.clone(), &tun.name, "tun");
+        let device = Arc::new(device);
+        loops.watch_tun(tun_watch);
         let sent = Arc::new(tokio::sync::Notify::new());
         let egress = Egress {
-            tun: tun.device.clone(),
+            tun: device.clone(),
             store: store.clone(),
             me: addr,
             metrics: metrics.clone(),
@@ -272,7 +282,7 @@ impl Tunnel {
             sent: sent.clone(),
         };
         let ingress = Ingress {
-            tun: tun.device.clone(),
+            tun: device,
             store,
             me: addr,
             metrics: metrics.clone(),
@@ -283,10 +293,15 @@ impl Tunnel {
             cursor_file,
             budget_bytes: config.ingress_budget_bytes,
         };
-        let tasks = vec![
-            tokio::spawn(egress.run(rx.clone())),
-            tokio::spawn(ingress.run(rx)),
-        ];
+        let egress_rx = rx.clone();
+        loops.spawn("egress", async move {
+            egress.run(egress_rx).await;
+            Ok(())
+        });
+        loops.spawn("ingress", async move {
+            ingress.run(rx).await;
+            Ok(())
+        });
         Ok(Tunnel {
             addr,
             tun_name: link.link.clone(),
@@ -294,30 +309,26 @@ impl Tunnel {
             metrics,
             metrics_addr,
             shutdown,
-            tasks,
-            metrics_task,
+            loops,
             netlink,
             link,
             tun: Some(tun),
         })
     }
 
+    /// Resolves when one of the tunnel's loops (egress, ingress, metrics listener) ended, failed
+    /// or panicked, or its TUN failed (e.g. was deleted); the caller then stops the tunnel and
+    /// exits with a runtime error. Cancel-safe.
+    pub async fn ended(&mut self) -> LoopEnded {
+        self.loops.ended().await
+    }
+
     /// Stops the loops (letting in-flight PUTs finish briefly) and removes the route, the
     /// address and the TUN from the kernel.
     pub async fn stop(mut self) -> Result<(), TunnelError> {
         let _ = self.shutdown.send(true);
-        for t in self.tasks.drain(..) {
-            let abort = t.abort_handle();
-            if tokio::time::timeout(Duration::from_secs(5), t)
-                .await
-                .is_err()
-            {
-                abort.abort();
-            }
-        }
-        if let Some(t) = self.metrics_task.take() {
-            t.abort();
-        }
+        let loops = std::mem::take(&mut self.loops);
+        loops.stop(Duration::from_secs(5)).await;
         let removed = self.netlink.remove(&self.link).await;
         // Closing the last descriptor removes a non-persistent TUN even if the netlink delete
         // failed.
@@ -332,9 +343,21 @@ pub async fn run(
     config: TunnelConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), TunnelError> {
-    let tunnel = Tunnel::start(config).await?;
-    shutdown.await;
-    tunnel.stop().await
+    let mut tunnel = Tunnel::start(config).await?;
+    let ended = tokio::select! {
+        () = shutdown => None,
+        ended = tunnel.ended() => Some(ended),
+    };
+    match ended {
+        None => tunnel.stop().await,
+        Some(ended) => {
+            tracing::error!("{ended}; removing the tunnel from the kernel and exiting");
+            if let Err(e) = tunnel.stop().await {
+                tracing::warn!(error = %e, "removing the tunnel");
+            }
+            Err(ended.into())
+        }
+    }
 }
 
 /// A random session id per agent start, so a restarted sender's bundles form a new stream.

@@ -32,15 +32,25 @@ impl Classifier {
     /// An independent handle on the flow map (for the sweep, and removal by the divert proxy)
     /// that does not borrow the classifier.
     pub fn flow_table(&self) -> Result<FlowTable, InterceptorError> {
-        FlowTable::from_ids(
-            self.hash_map_id(MAP_FLOWS)?,
-            self.hash_map_id(MAP_UID_FLOWS)?,
+        FlowTable::from_fds(
+            self.hash_map_fd(MAP_FLOWS)?,
+            self.hash_map_fd(MAP_UID_FLOWS)?,
         )
     }
 
-    fn hash_map_id(&self, name: &'static str) -> Result<u32, InterceptorError> {
+    /// A duplicate of a map's descriptor: opening it again by id (BPF_MAP_GET_FD_BY_ID) would
+    /// need CAP_SYS_ADMIN, which the systemd unit does not grant.
+    fn hash_map_fd(&self, name: &'static str) -> Result<std::os::fd::OwnedFd, InterceptorError> {
+        use std::os::fd::AsFd;
         match self.ebpf.map(name) {
-            Some(Map::HashMap(data)) => Ok(data.info().map_err(map_err(name))?.id()),
+            Some(Map::HashMap(data)) => {
+                data.fd().as_fd().try_clone_to_owned().map_err(|io_error| {
+                    map_err(name)(MapError::SyscallError(aya::sys::SyscallError {
+                        call: "dup",
+                        io_error,
+                    }))
+                })
+            }
             Some(_) => Err(map_err(name)(MapError::InvalidMapType { map_type: 0 })),
             None => Err(InterceptorError::MissingMap(name)),
         }

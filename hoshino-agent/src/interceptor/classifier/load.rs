@@ -172,8 +172,13 @@ pub(super) fn check_attached_here(
             source: Box::new(source),
         })?
         .program_id();
-    let attached = SchedClassifier::query_tcx(interface, direction.tc())
-        .map(|(_, programs)| programs.iter().any(|p| p.id() == program_id))
+    let attach_type = match direction {
+        Direction::Egress => crate::interceptor::tcx_query::BPF_TCX_EGRESS,
+        Direction::Ingress => crate::interceptor::tcx_query::BPF_TCX_INGRESS,
+    };
+    // Ids only: aya's `query_tcx` also opens each program by id, which needs CAP_SYS_ADMIN.
+    let attached = crate::interceptor::tcx_query::attached_program_ids(interface, attach_type)
+        .map(|ids| ids.contains(&program_id))
         .unwrap_or(false);
     if attached {
         Ok(())

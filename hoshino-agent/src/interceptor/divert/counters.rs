@@ -1,8 +1,14 @@
-//! Counters of the divert path (plain divert and the terminating proxy), rendered into the
-//! agent's Prometheus text by `metrics.rs`.
+//! Counters of the divert path (plain divert and the terminating proxy), registered into the
+//! agent's scrape by `metrics.rs`.
 
-use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+
+use crate::metrics::ReasonLabels;
 
 /// Refusal reasons (the `reason` label); each refusal counts under exactly one.
 pub const REFUSAL_REASONS: [&str; 21] = [
@@ -74,82 +80,92 @@ impl DivertStats {
             .map_or(0, |c| c.load(Relaxed))
     }
 
-    /// Appends the counters in the Prometheus text format.
-    pub fn render(&self, out: &mut String) {
+    /// Registers the counters for one scrape (values read now; see `metrics.rs`).
+    pub fn register(&self, r: &mut Registry) {
         for (name, help, v) in [
             (
-                "hoshino_divert_packets_total",
-                "Packets read from the divert TUN.",
+                "hoshino_divert_packets",
+                "Packets read from the divert TUN",
                 &self.packets,
             ),
             (
-                "hoshino_divert_reinjected_total",
-                "Packets of plain divert rules reinjected.",
+                "hoshino_divert_reinjected",
+                "Packets of plain divert rules reinjected",
                 &self.reinjected,
             ),
             (
-                "hoshino_divert_dropped_total",
-                "Packets of plain divert rules dropped.",
+                "hoshino_divert_dropped",
+                "Packets of plain divert rules dropped",
                 &self.dropped,
             ),
             (
-                "hoshino_divert_unknown_flow_total",
-                "Diverted packets without a flow entry or divert rule (dropped).",
+                "hoshino_divert_unknown_flow",
+                "Diverted packets without a flow entry or divert rule (dropped)",
                 &self.unknown_flow,
             ),
             (
-                "hoshino_divert_malformed_total",
-                "Diverted packets that did not parse (dropped).",
+                "hoshino_divert_malformed",
+                "Diverted packets that did not parse (dropped)",
                 &self.malformed,
             ),
             (
-                "hoshino_divert_connections_total",
-                "Connections the metadata proxy terminated.",
+                "hoshino_divert_connections",
+                "Connections the metadata proxy terminated",
                 &self.connections,
             ),
             (
-                "hoshino_divert_resets_total",
-                "Connections the metadata proxy reset on a refused request.",
+                "hoshino_divert_resets",
+                "Connections the metadata proxy reset on a refused request",
                 &self.resets,
             ),
             (
-                "hoshino_divert_upstream_errors_total",
-                "Allowed requests the server did not answer usably (502 to the client).",
+                "hoshino_divert_upstream_errors",
+                "Allowed requests the server did not answer usably (502 to the client)",
                 &self.upstream_errors,
             ),
             (
-                "hoshino_divert_errors_total",
-                "I/O errors on the divert TUN or the reinjection sockets.",
+                "hoshino_divert_errors",
+                "I/O errors on the divert TUN or the reinjection sockets",
                 &self.errors,
             ),
         ] {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-                v.load(Relaxed)
-            );
+            r.register(name, help, ConstCounter::new(v.load(Relaxed)));
         }
-        let name = "hoshino_divert_requests_total";
-        let _ = writeln!(
-            out,
-            "# HELP {name} HTTP requests judged by the metadata proxy, by verdict.\n# TYPE {name} counter"
-        );
+        let requests: Family<VerdictLabels, Counter> = Family::default();
         for (verdict, v) in [
             ("allow", &self.allowed),
             ("reset", &self.reset),
             ("forbid", &self.forbidden),
         ] {
-            let _ = writeln!(out, "{name}{{verdict=\"{verdict}\"}} {}", v.load(Relaxed));
+            requests
+                .get_or_create(&VerdictLabels { verdict })
+                .inc_by(v.load(Relaxed));
         }
-        let name = "hoshino_divert_refusals_total";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Requests and connections refused before the policy was asked, by reason.\n# TYPE {name} counter"
+        r.register(
+            "hoshino_divert_requests",
+            "HTTP requests judged by the metadata proxy, by verdict",
+            requests,
         );
+        let refusals: Family<ReasonLabels, Counter> = Family::default();
         for (reason, v) in REFUSAL_REASONS.iter().zip(self.refusals.iter()) {
-            let _ = writeln!(out, "{name}{{reason=\"{reason}\"}} {}", v.load(Relaxed));
+            refusals
+                .get_or_create(&ReasonLabels {
+                    reason: (*reason).to_string(),
+                })
+                .inc_by(v.load(Relaxed));
         }
+        r.register(
+            "hoshino_divert_refusals",
+            "Requests and connections refused before the policy was asked, by reason",
+            refusals,
+        );
     }
+}
+
+/// `{verdict}` of `hoshino_divert_requests_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VerdictLabels {
+    verdict: &'static str,
 }
 
 #[cfg(test)]
@@ -164,8 +180,11 @@ mod tests {
         s.allowed.fetch_add(2, Relaxed);
         assert_eq!(s.refusals("target_dot_segment"), 1);
         assert_eq!(s.refusals("other"), 1);
-        let mut text = String::new();
-        s.render(&mut text);
+        let m = crate::metrics::Metrics::default();
+        m.divert.refused("target_dot_segment");
+        m.divert.refused("no-such-reason");
+        m.divert.allowed.fetch_add(2, Relaxed);
+        let text = m.render();
         assert!(
             text.contains("hoshino_divert_refusals_total{reason=\"target_dot_segment\"} 1"),
             "{text}"

@@ -18,6 +18,7 @@ use crate::interceptor::flow_key;
 use crate::interceptor::proxy::admission::Admission;
 use crate::interceptor::proxy::{DivertRule, ProxyStack};
 use crate::policy::{CompiledPolicy, DivertPolicy, Rule};
+use crate::supervisor::LoopFault;
 
 /// The policy each classifier map set holds: a packet decided by the previous set just before
 /// a reload still finds the rule that diverted it.
@@ -31,6 +32,18 @@ impl PolicySets {
     pub fn set(&mut self, set: u32, policy: Arc<CompiledPolicy>) {
         if let Some(slot) = self.sets.get_mut(set as usize) {
             *slot = Some(policy);
+        }
+    }
+
+    /// The policy map set `set` holds.
+    pub fn policy(&self, set: u32) -> Option<Arc<CompiledPolicy>> {
+        self.sets.get(set as usize)?.clone()
+    }
+
+    /// Forgets what map set `set` holds (e.g. a reload into it failed).
+    pub fn clear(&mut self, set: u32) {
+        if let Some(slot) = self.sets.get_mut(set as usize) {
+            *slot = None;
         }
     }
 
@@ -69,8 +82,13 @@ pub struct DivertContext {
     pub stats: Arc<DivertStats>,
 }
 
-/// Runs until `shutdown` turns true.
-pub async fn run(tun: Arc<DivertTun>, cx: DivertContext, mut shutdown: watch::Receiver<bool>) {
+/// Runs until `shutdown` turns true. A failed read of the divert TUN ends the loop with an
+/// error (the device was deleted or broke; the supervisor stops the agent).
+pub async fn run(
+    tun: Arc<DivertTun>,
+    cx: DivertContext,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), LoopFault> {
     let (mut proxy, mut answers) = ProxyStack::new(
         cx.mark,
         Admission::default(),
@@ -83,7 +101,7 @@ pub async fn run(tun: Arc<DivertTun>, cx: DivertContext, mut shutdown: watch::Re
             .poll_delay(Instant::now())
             .map_or(MAX_POLL_DELAY, |d| d.min(MAX_POLL_DELAY));
         tokio::select! {
-            _ = shutdown.changed() => return,
+            _ = shutdown.changed() => return Ok(()),
             Some(answer) = answers.recv() => proxy.answer(answer, Instant::now()),
             () = tokio::time::sleep(delay) => {}
             read = tun.recv(&mut buf) => match read {
@@ -91,10 +109,10 @@ pub async fn run(tun: Arc<DivertTun>, cx: DivertContext, mut shutdown: watch::Re
                     let packet = buf.get(..n).unwrap_or(&[]).to_vec();
                     handle_packet(packet, &mut proxy, &cx);
                 }
-                Err(e) => {
-                    tracing::warn!(tun = tun.name(), error = %e, "reading the divert TUN failed");
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted) => {}
+                Err(source) => {
                     cx.stats.errors.fetch_add(1, Relaxed);
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    return Err(LoopFault::TunRead { tun: tun.name().to_string(), source });
                 }
             },
         }
