@@ -18,6 +18,8 @@ pub mod addr;
 pub mod attach;
 pub mod config_file;
 pub mod detach;
+pub mod hosts;
+pub mod peers;
 pub mod policy;
 pub mod tunnel;
 
@@ -69,6 +71,10 @@ pub enum Command {
     Attach(attach::AttachArgs),
     /// Remove the classifier `attach` left pinned on an interface (link, maps, pins).
     Detach(detach::DetachArgs),
+    /// List the nodes in the bucket's directory (no running agent needed).
+    Peers(peers::PeersArgs),
+    /// Print /etc/hosts lines for the nodes in the directory.
+    Hosts(hosts::HostsArgs),
     /// Policy file tools.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
@@ -92,6 +98,8 @@ pub enum CliError {
     },
     #[error("--bucket (HOSHINO_BUCKET, or `bucket` in the config file) is required")]
     MissingBucket,
+    #[error("--name: {0}")]
+    BadName(String),
 }
 
 /// Why the command line could not be turned into a [`Cli`].
@@ -156,6 +164,8 @@ pub async fn run(cli: Cli) -> ExitCode {
             }
         },
         Command::Tunnel(args) => tunnel::run(&args).await,
+        Command::Peers(args) => peers::run(&args).await,
+        Command::Hosts(args) => hosts::run(&args).await,
     }
 }
 

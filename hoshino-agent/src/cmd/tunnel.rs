@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
+use hoshino_agent::directory::name::{NameError, NodeName};
 use hoshino_agent::edge::s3::S3Settings;
 use hoshino_agent::node_addr::NetworkPrefix;
 use hoshino_agent::tunnel::bundler::BundlerConfig;
@@ -19,6 +20,7 @@ pub const DEFAULT_TUN_NAME: &str = "hoshino0";
 pub const DEFAULT_MACHINE_ID_FILE: &str = "/etc/machine-id";
 /// Default `--state-dir`.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/hoshino";
+
 
 /// A duration flag's default, from the library's defaults (printed as `5ms`, `1s`).
 fn duration(d: std::time::Duration) -> humantime::Duration {
@@ -39,8 +41,10 @@ pub struct NodeArgs {
     pub machine_id_file: PathBuf,
 }
 
+/// Where the network is (its bucket) and its key: shared by `tunnel`, `attach`, `peers` and
+/// `hosts`.
 #[derive(Debug, Clone, Args)]
-pub struct TunnelArgs {
+pub struct S3Args {
     /// Bucket shared by the network's nodes (required).
     #[arg(long, env = "HOSHINO_BUCKET", help_heading = "S3")]
     pub bucket: Option<String>,
@@ -72,23 +76,6 @@ pub struct TunnelArgs {
     #[arg(long, env = "HOSHINO_S3_MAX_ATTEMPTS", help_heading = "S3",
           default_value_t = s3_defaults().max_attempts)]
     pub s3_max_attempts: u32,
-
-    /// TUN interface name.
-    #[arg(long, env = "HOSHINO_TUN_NAME", help_heading = "Node", default_value = DEFAULT_TUN_NAME)]
-    pub tun_name: String,
-    /// TUN MTU.
-    #[arg(long, env = "HOSHINO_MTU", help_heading = "Node", default_value_t = DEFAULT_MTU)]
-    pub mtu: u32,
-    #[command(flatten, next_help_heading = "Node")]
-    pub node: NodeArgs,
-    /// Serve Prometheus metrics at http://ADDR:PORT/metrics [default: off].
-    #[arg(
-        long,
-        env = "HOSHINO_METRICS_LISTEN",
-        help_heading = "Node",
-        value_name = "ADDR:PORT"
-    )]
-    pub metrics_listen: Option<SocketAddr>,
     /// File holding the network key (16+ bytes): bundles are then encrypted and authenticated
     /// (format v2, XChaCha20-Poly1305) and plaintext ones rejected [default: none, plaintext].
     #[arg(
@@ -98,6 +85,33 @@ pub struct TunnelArgs {
         value_name = "FILE"
     )]
     pub network_key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TunnelArgs {
+    #[command(flatten)]
+    pub s3: S3Args,
+
+    /// TUN interface name.
+    #[arg(long, env = "HOSHINO_TUN_NAME", help_heading = "Node", default_value = DEFAULT_TUN_NAME)]
+    pub tun_name: String,
+    /// TUN MTU.
+    #[arg(long, env = "HOSHINO_MTU", help_heading = "Node", default_value_t = DEFAULT_MTU)]
+    pub mtu: u32,
+    #[command(flatten, next_help_heading = "Node")]
+    pub node: NodeArgs,
+    /// This node's name in the directory and in DNS (one DNS label) [default: the short host
+    /// name, lowercased].
+    #[arg(long, env = "HOSHINO_NAME", help_heading = "Node")]
+    pub name: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics [default: off].
+    #[arg(
+        long,
+        env = "HOSHINO_METRICS_LISTEN",
+        help_heading = "Node",
+        value_name = "ADDR:PORT"
+    )]
+    pub metrics_listen: Option<SocketAddr>,
 
     /// Fastest inbox poll interval, used while objects arrive.
     #[arg(long, env = "HOSHINO_HEARTBEAT_MIN", help_heading = "Polling", value_name = "DURATION",
@@ -150,15 +164,15 @@ pub struct TunnelArgs {
     pub ingress_budget_bytes: usize,
 }
 
-impl TunnelArgs {
-    /// Whether a bucket is set (by flag, environment or file): `attach` starts a tunnel then.
+impl S3Args {
+    /// Whether a bucket is set (by flag, environment or file).
     pub fn has_bucket(&self) -> bool {
         self.bucket.as_deref().is_some_and(|b| !b.is_empty())
     }
 
-    /// The tunnel's configuration; what is left unset falls back to `AWS_ENDPOINT_URL` and the
-    /// AWS chain's region. Floors are checked by `TunnelConfig::validate` when it starts.
-    pub fn resolve(&self) -> Result<TunnelConfig, CliError> {
+    /// The S3 settings; what is left unset falls back to `AWS_ENDPOINT_URL` and the AWS chain's
+    /// region.
+    pub fn resolve(&self) -> Result<S3Settings, CliError> {
         let bucket = self
             .bucket
             .clone()
@@ -175,14 +189,40 @@ impl TunnelArgs {
         s3.attempt_timeout = self.s3_attempt_timeout.into();
         s3.operation_timeout = self.s3_timeout.into();
         s3.max_attempts = self.s3_max_attempts;
+        Ok(s3)
+    }
+}
+
+impl TunnelArgs {
+    /// `--name`, checked; `None` leaves the default to the tunnel (see `TunnelConfig::name`).
+    pub fn node_name(&self) -> Result<Option<NodeName>, CliError> {
+        self.name
+            .as_deref()
+            .map(|name| {
+                name.parse()
+                    .map_err(|e: NameError| CliError::BadName(e.to_string()))
+            })
+            .transpose()
+    }
+
+    /// Whether a bucket is set (by flag, environment or file): `attach` starts a tunnel then.
+    pub fn has_bucket(&self) -> bool {
+        self.s3.has_bucket()
+    }
+
+    /// The tunnel's configuration. Floors are checked by `TunnelConfig::validate` when it
+    /// starts.
+    pub fn resolve(&self) -> Result<TunnelConfig, CliError> {
+        let s3 = self.s3.resolve()?;
         Ok(TunnelConfig {
             s3,
+            name: self.node_name()?,
             tun_name: self.tun_name.clone(),
             mtu: self.mtu,
             prefix: self.node.prefix,
             machine_id_file: self.node.machine_id_file.clone(),
             metrics_listen: self.metrics_listen,
-            network_key_file: self.network_key_file.clone(),
+            network_key_file: self.s3.network_key_file.clone(),
             heartbeat: HeartbeatConfig {
                 min: self.heartbeat_min.into(),
                 max: self.heartbeat_max.into(),

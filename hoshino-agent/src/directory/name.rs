@@ -3,6 +3,8 @@
 use std::fmt;
 use std::str::FromStr;
 
+use crate::node_addr::NodeId;
+
 /// Longest DNS label (RFC 1035).
 pub const MAX_NAME_LEN: usize = 63;
 
@@ -12,6 +14,10 @@ pub enum NameError {
         "node name {0:?} is not a DNS label: 1 to 63 of a-z, 0-9 and `-`, not starting or ending with `-`"
     )]
     Invalid(String),
+    #[error(
+        "domain {0:?} is not a DNS domain of lowercase labels (a-z, 0-9, `-`) of at most 189 characters"
+    )]
+    BadDomain(String),
 }
 
 /// A lowercase DNS label: 1..=63 of `a-z`, `0-9`, `-`, with no `-` at either end.
@@ -28,6 +34,27 @@ impl NodeName {
     pub fn from_hostname(hostname: &str) -> Result<NodeName, NameError> {
         let first = hostname.trim().split('.').next().unwrap_or_default();
         first.to_ascii_lowercase().parse()
+    }
+}
+
+/// The kernel's host name (of this UTS namespace).
+const HOSTNAME_FILE: &str = "/proc/sys/kernel/hostname";
+
+/// The name a node takes without `--name`: its host name's first label, lowercased; when the
+/// host name is unreadable or no DNS label (`my_host`), `node-<node id>`, with a warning.
+pub fn default_name(node: NodeId) -> NodeName {
+    let fallback = || NodeName(format!("node-{node}"));
+    match std::fs::read_to_string(HOSTNAME_FILE) {
+        Ok(host) => NodeName::from_hostname(&host).unwrap_or_else(|e| {
+            let name = fallback();
+            tracing::warn!("{e} (the host name); using {name}, set --name to choose");
+            name
+        }),
+        Err(e) => {
+            let name = fallback();
+            tracing::warn!("cannot read {HOSTNAME_FILE}: {e}; using {name}, set --name to choose");
+            name
+        }
     }
 }
 
@@ -56,9 +83,65 @@ impl fmt::Display for NodeName {
     }
 }
 
+/// The default `--dns-domain` (`.internal` is reserved for private use).
+pub const DEFAULT_DOMAIN: &str = "hoshino.internal";
+
+/// The domain node names live under: one or more labels as `NodeName` spells them, without the
+/// trailing dot, short enough that `<63-char name>.<domain>` stays within DNS's 253.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct DnsDomain(String);
+
+impl DnsDomain {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// `<name>.<domain>`.
+    pub fn fqdn(&self, name: &NodeName) -> String {
+        format!("{name}.{}", self.0)
+    }
+}
+
+impl Default for DnsDomain {
+    fn default() -> Self {
+        DnsDomain(DEFAULT_DOMAIN.to_string())
+    }
+}
+
+impl FromStr for DnsDomain {
+    type Err = NameError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let trimmed = s.strip_suffix('.').unwrap_or(s);
+        let ok = trimmed.len() <= 253 - MAX_NAME_LEN - 1
+            && trimmed.split('.').all(|label| label.parse::<NodeName>().is_ok());
+        if ok {
+            Ok(DnsDomain(trimmed.to_string()))
+        } else {
+            Err(NameError::BadDomain(s.to_string()))
+        }
+    }
+}
+
+impl fmt::Display for DnsDomain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn domains_are_dot_separated_labels_without_the_root_dot() {
+        assert_eq!(
+            "hoshino.internal.".parse::<DnsDomain>().map(|d| d.to_string()),
+            Ok("hoshino.internal".to_string())
+        );
+        for bad in ["", "a..b", "Hoshino.internal", ".internal", "a_b.internal"] {
+            assert!(bad.parse::<DnsDomain>().is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn dns_labels_are_names() {

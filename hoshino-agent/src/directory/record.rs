@@ -16,7 +16,7 @@ use chacha20poly1305::aead::AeadInPlace;
 use chacha20poly1305::{Tag, XNonce};
 use rand::RngCore;
 
-use crate::node_addr::NodeId;
+use crate::node_addr::{NodeAddr, NodeId};
 use crate::wire::bundle::NetworkKey;
 
 use super::name::{NameError, NodeName};
@@ -112,7 +112,22 @@ fn valid_agent_version(v: &str) -> bool {
     (1..=MAX_AGENT_VERSION_LEN).contains(&v.len()) && v.bytes().all(|b| b.is_ascii_graphic())
 }
 
+/// This build's version, as records carry it.
+pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+
 impl NodeRecord {
+    /// This agent's record, started (and refreshed) at `now`.
+    pub fn new(addr: NodeAddr, name: NodeName, now: UnixMillis) -> NodeRecord {
+        NodeRecord {
+            node: addr.id,
+            name,
+            addr: addr.ip(),
+            agent_version: AGENT_VERSION.to_string(),
+            started_at: now,
+            refreshed_at: now,
+        }
+    }
+
     /// v2 (sealed) with a key, v1 (plain) without. Fails only for an agent version the parser
     /// would refuse (the name is valid by construction).
     pub fn encode(&self, key: Option<&NetworkKey>) -> Result<Vec<u8>, RecordError> {

@@ -26,6 +26,9 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::directory::name::NodeName;
+use crate::directory::publish::Publisher;
+use crate::directory::record::NodeRecord;
 use crate::edge::netlink::{LinkConfig, Netlink, NetlinkError};
 use crate::edge::s3::{S3Settings, S3Store};
 use crate::edge::tun_device::{self, TunError};
@@ -47,6 +50,9 @@ pub const DEFAULT_MTU: u32 = 53_049;
 #[derive(Debug, Clone)]
 pub struct TunnelConfig {
     pub s3: S3Settings,
+    /// This node's name in the directory (`directory/`); `None`: the host name's first label,
+    /// or `node-<node id>` when that is not a DNS label (see `directory::name::default_name`).
+    pub name: Option<NodeName>,
     pub tun_name: String,
     pub mtu: u32,
     pub prefix: NetworkPrefix,
@@ -183,24 +189,29 @@ impl TunnelConfig {
         })
     }
 
-    /// The network key: the file's bytes, one trailing newline ignored; at least 16 bytes.
+    /// The network key: see `load_network_key`.
     pub fn network_key(&self) -> Result<Option<NetworkKey>, TunnelError> {
-        let Some(path) = &self.network_key_file else {
-            return Ok(None);
-        };
-        let err = |reason: String| TunnelError::KeyFile {
-            path: path.clone(),
-            reason,
-        };
-        let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
-        let bytes = bytes.strip_suffix(b"\n").unwrap_or(&bytes);
-        NetworkKey::new(bytes).map(Some).ok_or_else(|| {
-            err(format!(
-                "key is {} bytes, at least 16 required",
-                bytes.len()
-            ))
-        })
+        load_network_key(self.network_key_file.as_deref())
     }
+}
+
+/// The network key: the file's bytes, one trailing newline ignored; at least 16 bytes.
+pub fn load_network_key(path: Option<&std::path::Path>) -> Result<Option<NetworkKey>, TunnelError> {
+    let Some(path) = path else {
+        return Ok(None);
+    };
+    let err = |reason: String| TunnelError::KeyFile {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+    let bytes = bytes.strip_suffix(b"\n").unwrap_or(&bytes);
+    NetworkKey::new(bytes).map(Some).ok_or_else(|| {
+        err(format!(
+            "key is {} bytes, at least 16 required",
+            bytes.len()
+        ))
+    })
 }
 
 /// A running tunnel.
@@ -271,6 +282,16 @@ impl Tunnel {
             bundler: Bundler::new(config.bundler, addr.id, session, key.clone()),
             sent: sent.clone(),
         };
+        let name = config
+            .name
+            .clone()
+            .unwrap_or_else(|| crate::directory::name::default_name(addr.id));
+        tracing::info!(%name, "directory name");
+        let publisher = Publisher {
+            store: store.clone(),
+            record: NodeRecord::new(addr, name.clone(), crate::directory::unix_millis_now()),
+            key: key.clone(),
+        };
         let ingress = Ingress {
             tun: tun.device.clone(),
             store,
@@ -285,6 +306,7 @@ impl Tunnel {
         };
         let tasks = vec![
             tokio::spawn(egress.run(rx.clone())),
+            tokio::spawn(publisher.run(rx.clone())),
             tokio::spawn(ingress.run(rx)),
         ];
         Ok(Tunnel {
