@@ -260,7 +260,10 @@ mod tests {
         assert_eq!(&lines[1][at..at + 7], "fd00::2");
         assert!(lines[1].ends_with("1day 6h ago  yes"), "{}", lines[1]);
         assert!(lines[2].starts_with("web (collision)"));
-        assert!(lines[2].ends_with("3m 20s ago  no"), "{}", lines[2]);
+        let seen = header.find("LAST SEEN").expect("column");
+        let stale = header.find("STALE").expect("column");
+        assert_eq!(lines[2][seen..stale].trim_end(), "3m 20s ago");
+        assert_eq!(&lines[2][stale..], "no");
     }
 
     #[test]
