@@ -17,6 +17,7 @@
 //!   machine-id.
 
 pub mod directory;
+pub mod dns;
 pub mod edge;
 pub mod interceptor;
 pub mod metrics;

@@ -12,7 +12,7 @@ use hoshino_agent::edge::s3::S3Settings;
 use hoshino_agent::node_addr::NetworkPrefix;
 use hoshino_agent::tunnel::bundler::BundlerConfig;
 use hoshino_agent::tunnel::heartbeat::HeartbeatConfig;
-use hoshino_agent::tunnel::{self, DEFAULT_MTU, TunnelConfig};
+use hoshino_agent::tunnel::{self, DEFAULT_MTU, DnsConfig, TunnelConfig};
 
 use super::{CliError, EXIT_CONFIG, EXIT_RUNTIME};
 
@@ -104,6 +104,15 @@ pub struct TunnelArgs {
     /// name, lowercased].
     #[arg(long, env = "HOSHINO_NAME", help_heading = "Node")]
     pub name: Option<String>,
+    /// Answer AAAA queries for `<name>.<dns-domain>` on the tunnel address.
+    #[arg(long, env = "HOSHINO_DNS", help_heading = "Names", num_args = 0..=1,
+          default_value_t = true, default_missing_value = "true", value_name = "BOOL")]
+    pub dns: bool,
+    /// UDP port of the name responder on the tunnel address.
+    #[arg(long, env = "HOSHINO_DNS_PORT", help_heading = "Names", default_value_t = hoshino_agent::dns::DNS_PORT)]
+    pub dns_port: u16,
+    #[command(flatten, next_help_heading = "Names")]
+    pub domain: super::hosts::DomainArgs,
     /// Serve Prometheus metrics at http://ADDR:PORT/metrics [default: off].
     #[arg(
         long,
@@ -217,6 +226,10 @@ impl TunnelArgs {
         Ok(TunnelConfig {
             s3,
             name: self.node_name()?,
+            dns: self.dns.then(|| DnsConfig {
+                domain: self.domain.dns_domain.clone(),
+                port: self.dns_port,
+            }),
             tun_name: self.tun_name.clone(),
             mtu: self.mtu,
             prefix: self.node.prefix,

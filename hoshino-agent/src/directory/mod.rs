@@ -12,6 +12,7 @@ pub mod name;
 pub mod publish;
 pub mod read;
 pub mod record;
+pub mod refresh;
 pub mod table;
 
 use std::time::Duration;

@@ -26,7 +26,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::directory::name::NodeName;
+use crate::directory::name::{DnsDomain, NodeName};
 use crate::directory::publish::Publisher;
 use crate::directory::record::NodeRecord;
 use crate::edge::netlink::{LinkConfig, Netlink, NetlinkError};
@@ -53,6 +53,8 @@ pub struct TunnelConfig {
     /// This node's name in the directory (`directory/`); `None`: the host name's first label,
     /// or `node-<node id>` when that is not a DNS label (see `directory::name::default_name`).
     pub name: Option<NodeName>,
+    /// The name responder on the tunnel address; `None`: off.
+    pub dns: Option<DnsConfig>,
     pub tun_name: String,
     pub mtu: u32,
     pub prefix: NetworkPrefix,
@@ -64,6 +66,13 @@ pub struct TunnelConfig {
     /// Where the delivery cursor lives.
     pub state_dir: PathBuf,
     pub ingress_budget_bytes: usize,
+}
+
+/// Where and for which domain the name responder answers (`dns/`).
+#[derive(Debug, Clone)]
+pub struct DnsConfig {
+    pub domain: DnsDomain,
+    pub port: u16,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -292,6 +301,10 @@ impl Tunnel {
             record: NodeRecord::new(addr, name.clone(), crate::directory::unix_millis_now()),
             key: key.clone(),
         };
+        let mut tasks = Vec::new();
+        if let Some(dns) = &config.dns {
+            tasks.extend(start_names(dns, addr, &store, key.clone(), &rx).await);
+        }
         let ingress = Ingress {
             tun: tun.device.clone(),
             store,
@@ -304,11 +317,11 @@ impl Tunnel {
             cursor_file,
             budget_bytes: config.ingress_budget_bytes,
         };
-        let tasks = vec![
+        tasks.extend([
             tokio::spawn(egress.run(rx.clone())),
             tokio::spawn(publisher.run(rx.clone())),
             tokio::spawn(ingress.run(rx)),
-        ];
+        ]);
         Ok(Tunnel {
             addr,
             tun_name: link.link.clone(),
@@ -347,6 +360,47 @@ impl Tunnel {
         tracing::info!(tun = %self.link.link, "tunnel down; route, address and link removed");
         removed.map_err(Into::into)
     }
+}
+
+/// The directory refresher and the name responder on `[addr]:port`. A socket that cannot be bound
+/// (no CAP_NET_BIND_SERVICE for port 53) is logged and leaves the tunnel without names rather
+/// than without a tunnel.
+async fn start_names(
+    dns: &DnsConfig,
+    addr: NodeAddr,
+    store: &S3Store,
+    key: Option<NetworkKey>,
+    shutdown: &watch::Receiver<bool>,
+) -> Vec<JoinHandle<()>> {
+    use crate::directory::refresh::Refresher;
+    use crate::dns::server::{Responder, bind};
+    let listen = SocketAddr::new(addr.ip().into(), dns.port);
+    let socket = match bind(listen).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("{e}; names are not served");
+            return Vec::new();
+        }
+    };
+    tracing::info!(%listen, domain = %dns.domain, "name responder listening");
+    let (directory, reader) = watch::channel(Arc::new(crate::directory::table::Directory::default()));
+    let wanted = Arc::new(tokio::sync::Notify::new());
+    let refresher = Refresher {
+        store: store.clone(),
+        key,
+        directory,
+        wanted: wanted.clone(),
+    };
+    let responder = Responder {
+        socket,
+        domain: dns.domain.clone(),
+        directory: reader,
+        wanted,
+    };
+    vec![
+        tokio::spawn(refresher.run(shutdown.clone())),
+        tokio::spawn(responder.run(shutdown.clone())),
+    ]
 }
 
 /// Starts the tunnel, waits for `shutdown`, stops it.
