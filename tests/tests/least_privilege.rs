@@ -592,8 +592,14 @@ async fn a_node_publishes_only_its_own_directory_record_and_reads_everyones() {
     // A forged record: A's credentials writing under B's key (or below its own).
     for (key, what) in [
         (record_key(B), "A PUTs a record under B's key"),
-        (format!("{}/x", record_key(A)), "A PUTs below its own record key"),
-        (format!("v2/nodes/{A}{B}"), "A PUTs a key starting with its own id"),
+        (
+            format!("{}/x", record_key(A)),
+            "A PUTs below its own record key",
+        ),
+        (
+            format!("v2/nodes/{A}{B}"),
+            "A PUTs a key starting with its own id",
+        ),
     ] {
         assert_access_denied(
             net.a
@@ -633,6 +639,10 @@ async fn a_node_publishes_only_its_own_directory_record_and_reads_everyones() {
             .await
             .expect("body")
             .into_bytes();
-        assert_eq!(&body[..], b"record of B", "B's record is B's, not the forgery");
+        assert_eq!(
+            &body[..],
+            b"record of B",
+            "B's record is B's, not the forgery"
+        );
     }
 }

@@ -54,7 +54,11 @@ pub fn hosts_lines(d: &Directory, domain: &DnsDomain) -> String {
                 e.record.node
             ));
         } else {
-            out.push_str(&format!("{}\t{} {name}\n", e.record.addr, domain.fqdn(name)));
+            out.push_str(&format!(
+                "{}\t{} {name}\n",
+                e.record.addr,
+                domain.fqdn(name)
+            ));
         }
     }
     out

@@ -43,7 +43,9 @@ pub enum ReadError {
 
 /// Reads the directory the flags point at.
 pub async fn read(args: &S3Args) -> Result<Directory, ReadError> {
-    let settings = args.resolve().map_err(|e| ReadError::Config(e.to_string()))?;
+    let settings = args
+        .resolve()
+        .map_err(|e| ReadError::Config(e.to_string()))?;
     let key = load_network_key(args.network_key_file.as_deref())
         .map_err(|e| ReadError::Config(e.to_string()))?;
     let client = s3::client(&settings).await;
@@ -172,7 +174,10 @@ impl PeersJson {
 /// `3m 20s ago`, to the second.
 fn ago(now: UnixMillis, then: UnixMillis) -> String {
     let secs = now.saturating_sub(then) / 1000;
-    format!("{} ago", humantime::format_duration(Duration::from_secs(secs)))
+    format!(
+        "{} ago",
+        humantime::format_duration(Duration::from_secs(secs))
+    )
 }
 
 /// Columns NAME, ADDRESS, VERSION, LAST SEEN, STALE; a colliding name is marked `(collision)`.
@@ -268,7 +273,11 @@ mod tests {
 
     #[test]
     fn json_carries_every_field_and_the_collisions() {
-        let d = Directory::new(vec![record(1, "a", 1_000), record(2, "a", 2_000)], vec![], 5_000);
+        let d = Directory::new(
+            vec![record(1, "a", 1_000), record(2, "a", 2_000)],
+            vec![],
+            5_000,
+        );
         let json = serde_json::to_value(PeersJson::new(&d, 5_000)).expect("json");
         assert_eq!(json["nodes"][0]["node_id"], "0000000000000001");
         assert_eq!(json["nodes"][0]["address"], "fd00::1");

@@ -236,8 +236,16 @@ fn missing_bucket_is_a_configuration_error() {
 
 #[test]
 fn path_style_flag_without_value_means_true() {
-    assert!(tunnel_args(&["--bucket", "b", "--path-style"]).s3.path_style);
-    assert!(!tunnel_args(&["--bucket", "b", "--path-style", "false"]).s3.path_style);
+    assert!(
+        tunnel_args(&["--bucket", "b", "--path-style"])
+            .s3
+            .path_style
+    );
+    assert!(
+        !tunnel_args(&["--bucket", "b", "--path-style", "false"])
+            .s3
+            .path_style
+    );
 }
 
 #[test]

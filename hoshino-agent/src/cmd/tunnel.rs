@@ -21,7 +21,6 @@ pub const DEFAULT_MACHINE_ID_FILE: &str = "/etc/machine-id";
 /// Default `--state-dir`.
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/hoshino";
 
-
 /// A duration flag's default, from the library's defaults (printed as `5ms`, `1s`).
 fn duration(d: std::time::Duration) -> humantime::Duration {
     d.into()

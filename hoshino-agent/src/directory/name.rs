@@ -64,8 +64,7 @@ impl FromStr for NodeName {
     /// published (use `from_hostname` to fold a host name).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let ok = (1..=MAX_NAME_LEN).contains(&s.len())
-            && s
-                .bytes()
+            && s.bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
             && !s.starts_with('-')
             && !s.ends_with('-');
@@ -113,7 +112,9 @@ impl FromStr for DnsDomain {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let trimmed = s.strip_suffix('.').unwrap_or(s);
         let ok = trimmed.len() <= 253 - MAX_NAME_LEN - 1
-            && trimmed.split('.').all(|label| label.parse::<NodeName>().is_ok());
+            && trimmed
+                .split('.')
+                .all(|label| label.parse::<NodeName>().is_ok());
         if ok {
             Ok(DnsDomain(trimmed.to_string()))
         } else {
@@ -135,7 +136,9 @@ mod tests {
     #[test]
     fn domains_are_dot_separated_labels_without_the_root_dot() {
         assert_eq!(
-            "hoshino.internal.".parse::<DnsDomain>().map(|d| d.to_string()),
+            "hoshino.internal."
+                .parse::<DnsDomain>()
+                .map(|d| d.to_string()),
             Ok("hoshino.internal".to_string())
         );
         for bad in ["", "a..b", "Hoshino.internal", ".internal", "a_b.internal"] {

@@ -36,7 +36,10 @@ pub async fn read_directory<S: Store>(
             });
             continue;
         };
-        let body = match store.get(&object_key, MAX_RECORD_BYTES, Lookup::Known).await {
+        let body = match store
+            .get(&object_key, MAX_RECORD_BYTES, Lookup::Known)
+            .await
+        {
             Ok(Some(body)) => body,
             // Deleted between the LIST and the GET.
             Ok(None) => continue,
@@ -111,7 +114,12 @@ mod tests {
         )
         .await;
         put(&store, "v2/nodes/garbage", b"x".to_vec()).await;
-        put(&store, &record_key(NodeId(6)), vec![0; MAX_RECORD_BYTES + 1]).await;
+        put(
+            &store,
+            &record_key(NodeId(6)),
+            vec![0; MAX_RECORD_BYTES + 1],
+        )
+        .await;
 
         let d = read_directory(&store, Some(&net), 10).await.expect("read");
         let names: Vec<&str> = d.entries().iter().map(|e| e.record.name.as_str()).collect();

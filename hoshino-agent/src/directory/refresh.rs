@@ -94,7 +94,10 @@ mod tests {
             refreshed_at: 0,
         };
         store
-            .put(&record_key(r.node), Bytes::from(r.encode(None).expect("encodes")))
+            .put(
+                &record_key(r.node),
+                Bytes::from(r.encode(None).expect("encodes")),
+            )
             .await
             .expect("put");
     }

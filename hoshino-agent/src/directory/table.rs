@@ -6,9 +6,9 @@ use std::net::Ipv6Addr;
 
 use crate::node_addr::NodeId;
 
+use super::STALE_AFTER;
 use super::name::NodeName;
 use super::record::{NodeRecord, UnixMillis};
-use super::STALE_AFTER;
 
 /// One record and what the reader made of it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -59,9 +59,8 @@ impl Directory {
                 record,
             })
             .collect();
-        entries.sort_by(|a, b| {
-            (&a.record.name, a.record.node).cmp(&(&b.record.name, b.record.node))
-        });
+        entries
+            .sort_by(|a, b| (&a.record.name, a.record.node).cmp(&(&b.record.name, b.record.node)));
         Directory { entries, rejected }
     }
 

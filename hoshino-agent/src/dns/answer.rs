@@ -178,7 +178,11 @@ mod tests {
 
     #[test]
     fn another_domain_is_refused() {
-        for name in ["example.com.", "web.internal.", "web.hoshino.internal.evil."] {
+        for name in [
+            "example.com.",
+            "web.internal.",
+            "web.hoshino.internal.evil.",
+        ] {
             let (m, outcome) = ask(name, RecordType::AAAA);
             assert_eq!(m.response_code(), ResponseCode::Refused, "{name}");
             assert_eq!(outcome, Outcome::Refused);

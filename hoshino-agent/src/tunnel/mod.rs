@@ -383,7 +383,8 @@ async fn start_names(
         }
     };
     tracing::info!(%listen, domain = %dns.domain, "name responder listening");
-    let (directory, reader) = watch::channel(Arc::new(crate::directory::table::Directory::default()));
+    let (directory, reader) =
+        watch::channel(Arc::new(crate::directory::table::Directory::default()));
     let wanted = Arc::new(tokio::sync::Notify::new());
     let refresher = Refresher {
         store: store.clone(),
