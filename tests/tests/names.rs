@@ -178,6 +178,79 @@ fn a_peer_resolves_names_through_the_tunnel_and_pings_by_name() {
         logs(&net)
     );
 
+    // status on n3: its ping to n2 and its DNS exchange with n1 show up per peer.
+    let state_dir = net.scratch().join("state-n3");
+    let state_dir = state_dir.to_string_lossy();
+    let mut cmd = net
+        .command_in(3, &binaries::agent().expect("agent").to_string_lossy())
+        .expect("node");
+    cmd.args(["status", "--json", "--state-dir", &state_dir]);
+    let out = command::run(&mut cmd).expect("status --json");
+    let status: serde_json::Value = serde_json::from_str(&out).expect("status is JSON");
+    assert_eq!(status["name"], "n3", "{status}");
+    assert_eq!(status["address"], addr(&net, 3).to_string());
+    assert_eq!(status["tunnel"], "up", "{status}");
+    assert_eq!(status["mode"], "active", "{status}");
+    assert!(
+        status["s3_requests_total"].as_u64().is_some_and(|n| n > 0),
+        "{status}"
+    );
+    assert!(
+        status["estimated_dollars"]
+            .as_f64()
+            .is_some_and(|d| d > 0.0),
+        "{status}"
+    );
+    for peer in [1u8, 2] {
+        let entry = status["peers"]
+            .as_array()
+            .and_then(|ps| {
+                ps.iter()
+                    .find(|p| p["address"] == addr(&net, peer).to_string())
+            })
+            .unwrap_or_else(|| panic!("n{peer} not among status peers: {status}"));
+        for field in [
+            "sent_packets",
+            "received_packets",
+            "sent_bytes",
+            "received_bytes",
+        ] {
+            assert!(
+                entry[field].as_u64().is_some_and(|n| n >= 1),
+                "n{peer} {field}: {status}"
+            );
+        }
+        assert!(entry["last_heard_unix_ms"].as_u64().is_some(), "{status}");
+    }
+    let mut cmd = net
+        .command_in(3, &binaries::agent().expect("agent").to_string_lossy())
+        .expect("node");
+    cmd.args(["status", "--state-dir", &state_dir]);
+    let text = command::run(&mut cmd).expect("status");
+    for label in ["name:      n3", "tunnel:    up", "s3:", "last error:"] {
+        assert!(text.contains(label), "no `{label}` in:\n{text}");
+    }
+    let header = text
+        .lines()
+        .find(|l| l.starts_with("PEER"))
+        .unwrap_or_else(|| panic!("{text}"));
+    let columns: Vec<&str> = header
+        .split("  ")
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .collect();
+    assert_eq!(
+        columns,
+        [
+            "PEER",
+            "SENT PKTS",
+            "SENT BYTES",
+            "RECV PKTS",
+            "RECV BYTES",
+            "LAST HEARD"
+        ]
+    );
+
     let unknown = dig(&net, 3, 1, "nosuch.hoshino.internal", &[]);
     assert!(unknown.contains("status: NXDOMAIN"), "{unknown}");
     let other = dig(&net, 3, 1, "example.com", &[]);
@@ -204,6 +277,22 @@ fn peers_fails_clearly_when_the_bucket_is_unreachable() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("cannot read the directory in bucket") && stderr.contains("http://[::1]:9"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn status_fails_clearly_when_no_agent_runs() {
+    let dir = std::env::temp_dir().join(format!("hoshino-no-agent-{}", std::process::id()));
+    let out = Command::new(binaries::agent().expect("agent"))
+        .args(["status", "--state-dir"])
+        .arg(&dir)
+        .output()
+        .expect("status runs");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("no agent is running with state directory"),
         "{stderr}"
     );
 }

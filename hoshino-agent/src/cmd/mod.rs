@@ -21,6 +21,7 @@ pub mod detach;
 pub mod hosts;
 pub mod peers;
 pub mod policy;
+pub mod status;
 pub mod tunnel;
 
 pub use config_file::ConfigFile;
@@ -75,6 +76,8 @@ pub enum Command {
     Peers(peers::PeersArgs),
     /// Print /etc/hosts lines for the nodes in the directory.
     Hosts(hosts::HostsArgs),
+    /// Ask the running agent (control socket in the state directory) how it is doing.
+    Status(status::StatusArgs),
     /// Policy file tools.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
@@ -166,6 +169,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Tunnel(args) => tunnel::run(&args).await,
         Command::Peers(args) => peers::run(&args).await,
         Command::Hosts(args) => hosts::run(&args).await,
+        Command::Status(args) => status::run(&args).await,
     }
 }
 

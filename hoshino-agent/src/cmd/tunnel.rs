@@ -86,6 +86,15 @@ pub struct S3Args {
     pub network_key_file: Option<PathBuf>,
 }
 
+/// The agent's state directory: shared by `tunnel` and `status`.
+#[derive(Debug, Clone, Args)]
+pub struct StateArgs {
+    /// Directory for the delivery cursor `cursor-<node id>` (exactly-once delivery across
+    /// restarts) and the control socket `control.sock` (for `status`).
+    #[arg(long, env = "HOSHINO_STATE_DIR", value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct TunnelArgs {
     #[command(flatten)]
@@ -160,11 +169,8 @@ pub struct TunnelArgs {
           default_value_t = BundlerConfig::default().buffer_bytes)]
     pub egress_buffer_bytes: usize,
 
-    /// Directory for the delivery cursor `cursor-<node id>` (exactly-once delivery across
-    /// restarts).
-    #[arg(long, env = "HOSHINO_STATE_DIR", help_heading = "Node", value_name = "DIR",
-          default_value = DEFAULT_STATE_DIR)]
-    pub state_dir: PathBuf,
+    #[command(flatten, next_help_heading = "Node")]
+    pub state: StateArgs,
     /// Byte budget over inbox GETs in flight plus bundles held for reordering; objects beyond it
     /// wait in the bucket (at least 16777216).
     #[arg(long, env = "HOSHINO_INGRESS_BUDGET_BYTES", help_heading = "Polling", value_name = "BYTES",
@@ -249,7 +255,7 @@ impl TunnelArgs {
                 puts_in_flight: self.puts_in_flight,
                 buffer_bytes: self.egress_buffer_bytes,
             },
-            state_dir: self.state_dir.clone(),
+            state_dir: self.state.state_dir.clone(),
             ingress_budget_bytes: self.ingress_budget_bytes,
         })
     }

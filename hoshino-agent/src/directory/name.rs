@@ -111,7 +111,7 @@ impl FromStr for DnsDomain {
     type Err = NameError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let trimmed = s.strip_suffix('.').unwrap_or(s);
-        let ok = trimmed.len() <= 253 - MAX_NAME_LEN - 1
+        let ok = trimmed.len() < 253 - MAX_NAME_LEN
             && trimmed
                 .split('.')
                 .all(|label| label.parse::<NodeName>().is_ok());

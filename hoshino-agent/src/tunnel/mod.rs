@@ -26,6 +26,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::control::activity::{CountingTun, NotingStore};
 use crate::directory::name::{DnsDomain, NodeName};
 use crate::directory::publish::Publisher;
 use crate::directory::record::NodeRecord;
@@ -279,12 +280,22 @@ impl Tunnel {
         }
         tracing::info!(tun = %link.link, address = %addr, mtu = config.mtu, "TUN configured");
         let client = crate::edge::s3::client(&config.s3).await;
-        let store = S3Store::with_settings(client, &config.s3, metrics.clone());
+        // `status` sees per-peer traffic and the last S3 error through these two wrappers.
+        let activity = Arc::new(crate::control::activity::Activity::default());
+        let store = NotingStore {
+            inner: S3Store::with_settings(client, &config.s3, metrics.clone()),
+            activity: activity.clone(),
+        };
+        let tun_io = Arc::new(CountingTun {
+            inner: tun.device.clone(),
+            prefix: config.prefix,
+            activity: activity.clone(),
+        });
         let session = rand_session();
         let (shutdown, rx) = watch::channel(false);
         let sent = Arc::new(tokio::sync::Notify::new());
         let egress = Egress {
-            tun: tun.device.clone(),
+            tun: tun_io.clone(),
             store: store.clone(),
             me: addr,
             metrics: metrics.clone(),
@@ -302,11 +313,28 @@ impl Tunnel {
             key: key.clone(),
         };
         let mut tasks = Vec::new();
+        match crate::control::socket::bind(&config.state_dir) {
+            Ok(listener) => tasks.push(tokio::spawn(
+                crate::control::socket::ControlServer {
+                    listener,
+                    path: crate::control::socket::socket_path(&config.state_dir),
+                    me: crate::control::report::Identity {
+                        name: name.to_string(),
+                        addr,
+                        started_at_unix_ms: crate::directory::unix_millis_now(),
+                    },
+                    metrics: metrics.clone(),
+                    activity,
+                }
+                .run(rx.clone()),
+            )),
+            Err(e) => tracing::error!("{e}; `status` cannot reach this agent"),
+        }
         if let Some(dns) = &config.dns {
             tasks.extend(start_names(dns, addr, &store, key.clone(), &rx).await);
         }
         let ingress = Ingress {
-            tun: tun.device.clone(),
+            tun: tun_io.clone(),
             store,
             me: addr,
             metrics: metrics.clone(),
@@ -368,7 +396,7 @@ impl Tunnel {
 async fn start_names(
     dns: &DnsConfig,
     addr: NodeAddr,
-    store: &S3Store,
+    store: &NotingStore<S3Store>,
     key: Option<NetworkKey>,
     shutdown: &watch::Receiver<bool>,
 ) -> Vec<JoinHandle<()>> {
