@@ -7,7 +7,6 @@
 //! packets written to the TUN from a peer.
 
 use std::collections::BTreeMap;
-use std::future::Future;
 use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -168,44 +167,32 @@ impl<S: Store> Store for NotingStore<S> {
         self.inner.bucket()
     }
 
-    fn put(&self, key: &str, body: Bytes) -> impl Future<Output = Result<(), S3Error>> + Send {
-        async move { self.note(self.inner.put(key, body).await) }
+    async fn put(&self, key: &str, body: Bytes) -> Result<(), S3Error> {
+        self.note(self.inner.put(key, body).await)
     }
 
-    fn get(
+    async fn get(&self, key: &str, limit: usize, lookup: Lookup) -> Result<Option<Bytes>, S3Error> {
+        self.note(self.inner.get(key, limit, lookup).await)
+    }
+
+    async fn get_tagged(
         &self,
         key: &str,
         limit: usize,
-        lookup: Lookup,
-    ) -> impl Future<Output = Result<Option<Bytes>, S3Error>> + Send {
-        async move { self.note(self.inner.get(key, limit, lookup).await) }
+    ) -> Result<Option<(String, Bytes)>, S3Error> {
+        self.note(self.inner.get_tagged(key, limit).await)
     }
 
-    fn get_tagged(
-        &self,
-        key: &str,
-        limit: usize,
-    ) -> impl Future<Output = Result<Option<(String, Bytes)>, S3Error>> + Send {
-        async move { self.note(self.inner.get_tagged(key, limit).await) }
+    async fn head(&self, key: &str) -> Result<Option<String>, S3Error> {
+        self.note(self.inner.head(key).await)
     }
 
-    fn head(&self, key: &str) -> impl Future<Output = Result<Option<String>, S3Error>> + Send {
-        async move { self.note(self.inner.head(key).await) }
+    async fn list(&self, prefix: &str, continuation: Option<&str>) -> Result<Listing, S3Error> {
+        self.note(self.inner.list(prefix, continuation).await)
     }
 
-    fn list(
-        &self,
-        prefix: &str,
-        continuation: Option<&str>,
-    ) -> impl Future<Output = Result<Listing, S3Error>> + Send {
-        async move { self.note(self.inner.list(prefix, continuation).await) }
-    }
-
-    fn delete_many(
-        &self,
-        keys: &[String],
-    ) -> impl Future<Output = Result<Vec<String>, S3Error>> + Send {
-        async move { self.note(self.inner.delete_many(keys).await) }
+    async fn delete_many(&self, keys: &[String]) -> Result<Vec<String>, S3Error> {
+        self.note(self.inner.delete_many(keys).await)
     }
 }
 
