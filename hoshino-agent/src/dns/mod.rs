@@ -2,6 +2,7 @@
 //! address. `answer` decides (sans-IO, hickory-proto messages); `server` is the UDP socket.
 
 pub mod answer;
+pub mod resolved;
 pub mod server;
 
 /// Default DNS port on the tunnel address.

@@ -331,7 +331,7 @@ impl Tunnel {
             Err(e) => tracing::error!("{e}; `status` cannot reach this agent"),
         }
         if let Some(dns) = &config.dns {
-            tasks.extend(start_names(dns, addr, &store, key.clone(), &rx).await);
+            tasks.extend(start_names(dns, addr, tun.ifindex, &store, key.clone(), &rx).await);
         }
         let ingress = Ingress {
             tun: tun_io.clone(),
@@ -396,6 +396,7 @@ impl Tunnel {
 async fn start_names(
     dns: &DnsConfig,
     addr: NodeAddr,
+    ifindex: u32,
     store: &NotingStore<S3Store>,
     key: Option<NetworkKey>,
     shutdown: &watch::Receiver<bool>,
@@ -426,10 +427,28 @@ async fn start_names(
         directory: reader,
         wanted,
     };
-    vec![
+    let mut tasks = vec![
         tokio::spawn(refresher.run(shutdown.clone())),
         tokio::spawn(responder.run(shutdown.clone())),
-    ]
+    ];
+    let (domain, port) = (dns.domain.clone(), dns.port);
+    let mut stop = shutdown.clone();
+    // Registered in the background (busctl may take a moment), reverted at shutdown, before the
+    // link goes away.
+    tasks.push(tokio::spawn(async move {
+        let ip = addr.ip();
+        let registration = tokio::task::spawn_blocking(move || {
+            crate::dns::resolved::Registration::register(ifindex, ip, port, &domain)
+        })
+        .await
+        .ok()
+        .flatten();
+        let _ = stop.wait_for(|s| *s).await;
+        if let Some(r) = registration {
+            let _ = tokio::task::spawn_blocking(move || r.revert()).await;
+        }
+    }));
+    tasks
 }
 
 /// Starts the tunnel, waits for `shutdown`, stops it.
