@@ -16,7 +16,7 @@ fi
 
 # util-linux: setpriv (tests run the agent holding only CAP_NET_ADMIN); systemd: systemd-analyze
 # (tests verify deploy/hoshino-agent.service).
-apt_pkgs=(iproute2 iputils-ping iperf3 nftables curl ethtool procps util-linux systemd "llvm-${LLVM_MAJOR}-dev" libpolly-"${LLVM_MAJOR}"-dev libzstd-dev zlib1g-dev)
+apt_pkgs=(iproute2 iputils-ping dnsutils iperf3 nftables curl ethtool procps util-linux systemd "llvm-${LLVM_MAJOR}-dev" libpolly-"${LLVM_MAJOR}"-dev libzstd-dev zlib1g-dev)
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

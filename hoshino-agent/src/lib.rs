@@ -16,6 +16,9 @@
 //! - `metrics`: every counter, rendered as Prometheus text. `node_addr`: addresses from
 //!   machine-id.
 
+pub mod control;
+pub mod directory;
+pub mod dns;
 pub mod edge;
 pub mod interceptor;
 pub mod metrics;

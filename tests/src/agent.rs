@@ -88,6 +88,9 @@ impl Agent {
             .arg(log_dir.join(format!("state-n{}", node.index)))
             .args(["--metrics-listen", METRICS_LISTEN])
             .args(["--log-format", "text"])
+            // Testbed nodes share the host's UTS namespace, so the host name would make every
+            // node claim one name.
+            .args(["--name", &format!("n{}", node.index)])
             .args(extra)
             .env("NO_COLOR", "1")
             .env(

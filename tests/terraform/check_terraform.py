@@ -272,7 +272,8 @@ def allowed(policy, action, resource, context=None):
 
 def check_design_key_layout():
     text = DESIGN.read_text()
-    for layout in ("`v2/inbox/<dest:16hex>/<session:16hex>-<seq:16hex>.<src:16hex>`", "`v2/bell/<dest:16hex>`"):
+    for layout in ("`v2/inbox/<dest:16hex>/<session:16hex>-<seq:16hex>.<src:16hex>`", "`v2/bell/<dest:16hex>`",
+                   "`v2/nodes/<node:16hex>`"):
         check(layout in text, f"docs/DESIGN.md no longer describes the key {layout}: update policy.json.tftpl and this test")
 
 
@@ -285,8 +286,8 @@ def check_policy():
         for a in as_list(st["Action"]):
             check("*" not in a, f"policy: wildcard action {a}")
         for r in as_list(st["Resource"]):
-            check(r == BUCKET_ARN or r.startswith(f"{BUCKET_ARN}/v2/inbox/") or r.startswith(f"{BUCKET_ARN}/v2/bell/"),
-                  f"policy: resource {r} is outside the bucket's inbox and bell prefixes")
+            check(r == BUCKET_ARN or any(r.startswith(f"{BUCKET_ARN}/v2/{p}/") for p in ("inbox", "bell", "nodes")),
+                  f"policy: resource {r} is outside the bucket's inbox, bell and nodes prefixes")
     actions = {a for st in policy["Statement"] for a in as_list(st["Action"])}
     check(actions == {"s3:PutObject", "s3:GetObject", "s3:DeleteObject", "s3:ListBucket"},
           f"policy: actions are {sorted(actions)}, expected exactly Put/Get/DeleteObject and ListBucket")
@@ -327,6 +328,15 @@ def check_policy():
         (False, "s3:ListBucket", BUCKET_ARN, {"s3:prefix": f"v2/inbox/{PEER}/"}, "list a peer's inbox"),
         (False, "s3:ListBucket", BUCKET_ARN, {"s3:prefix": "v2/inbox/"}, "list every inbox"),
         (False, "s3:ListBucket", BUCKET_ARN, {}, "list the whole bucket"),
+        (True, "s3:PutObject", obj(f"v2/nodes/{SELF}"), None, "publish its own directory record"),
+        (False, "s3:PutObject", obj(f"v2/nodes/{PEER}"), None, "publish a record under a peer's key"),
+        (False, "s3:PutObject", obj(f"v2/nodes/{SELF}/x"), None, "publish below its own record key"),
+        (False, "s3:PutObject", obj(f"v2/nodes/{SELF}{SELF}"), None, "publish a key that starts with its own id"),
+        (True, "s3:GetObject", obj(f"v2/nodes/{PEER}"), None, "read a peer's directory record"),
+        (True, "s3:GetObject", obj(f"v2/nodes/{SELF}"), None, "read its own directory record"),
+        (False, "s3:DeleteObject", obj(f"v2/nodes/{PEER}"), None, "delete a peer's directory record"),
+        (True, "s3:ListBucket", BUCKET_ARN, {"s3:prefix": "v2/nodes/"}, "list the directory"),
+        (False, "s3:ListBucket", BUCKET_ARN, {"s3:prefix": "v2/"}, "list everything under v2/"),
         (False, "s3:GetObject", f"arn:aws:s3:::other-bucket/v2/inbox/{SELF}/{STEM}.{PEER}", None, "read another bucket"),
         (False, "s3:PutBucketPolicy", BUCKET_ARN, None, "change the bucket policy"),
         (False, "s3:ListAllMyBuckets", "*", None, "list the account's buckets"),

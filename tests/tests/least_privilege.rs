@@ -575,3 +575,74 @@ async fn lists_of_a_peer_inbox_are_not_restricted_by_moto() {
         .expect("moto does not evaluate the s3:prefix condition");
     assert_eq!(listed.key_count(), Some(1));
 }
+
+fn record_key(node: &str) -> String {
+    format!("v2/nodes/{node}")
+}
+
+#[tokio::test]
+async fn a_node_publishes_only_its_own_directory_record_and_reads_everyones() {
+    let net = network().await;
+    put(&net.a, &record_key(A), b"record of A")
+        .await
+        .expect("A publishes its own record");
+    put(&net.b, &record_key(B), b"record of B")
+        .await
+        .expect("B publishes its own record");
+    // A forged record: A's credentials writing under B's key (or below its own).
+    for (key, what) in [
+        (record_key(B), "A PUTs a record under B's key"),
+        (
+            format!("{}/x", record_key(A)),
+            "A PUTs below its own record key",
+        ),
+        (
+            format!("v2/nodes/{A}{B}"),
+            "A PUTs a key starting with its own id",
+        ),
+    ] {
+        assert_access_denied(
+            net.a
+                .put_object()
+                .bucket(BUCKET)
+                .key(&key)
+                .body(ByteStream::from_static(b"forged"))
+                .send()
+                .await,
+            what,
+        );
+    }
+    assert_access_denied(
+        net.a
+            .delete_object()
+            .bucket(BUCKET)
+            .key(record_key(B))
+            .send()
+            .await,
+        "A deletes B's record",
+    );
+    // Both read the whole directory: LIST the prefix, GET every record.
+    for reader in [&net.a, &net.b] {
+        assert_eq!(
+            list_all(reader, "v2/nodes/").await,
+            vec![record_key(A), record_key(B)]
+        );
+        let body = reader
+            .get_object()
+            .bucket(BUCKET)
+            .key(record_key(B))
+            .send()
+            .await
+            .expect("a node reads B's record")
+            .body
+            .collect()
+            .await
+            .expect("body")
+            .into_bytes();
+        assert_eq!(
+            &body[..],
+            b"record of B",
+            "B's record is B's, not the forgery"
+        );
+    }
+}

@@ -154,11 +154,11 @@ fn unit_runs_the_tunnel_unprivileged_with_only_net_admin_after_the_network_is_on
     assert_eq!(one(&d, "Service", "RestartPreventExitStatus"), "2");
     assert_eq!(
         words(&d, "Service", "AmbientCapabilities"),
-        ["CAP_NET_ADMIN"]
+        ["CAP_NET_ADMIN", "CAP_NET_BIND_SERVICE"]
     );
     assert_eq!(
         words(&d, "Service", "CapabilityBoundingSet"),
-        ["CAP_NET_ADMIN"]
+        ["CAP_NET_ADMIN", "CAP_NET_BIND_SERVICE"]
     );
     assert_eq!(one(&d, "Service", "DynamicUser"), "yes");
     assert!(
@@ -194,8 +194,14 @@ fn attach_drop_in_adds_bpf_perfmon_and_raw_sockets_and_runs_attach_instead_of_tu
         )) && exec.ends_with(" --policy /etc/hoshino/policy.toml"),
         "drop-in ExecStart: {exec}"
     );
-    let caps = ["CAP_BPF", "CAP_NET_ADMIN", "CAP_NET_RAW", "CAP_PERFMON"];
-    // The drop-in's lines add to the unit's; the union must still be exactly these four.
+    let caps = [
+        "CAP_BPF",
+        "CAP_NET_ADMIN",
+        "CAP_NET_BIND_SERVICE",
+        "CAP_NET_RAW",
+        "CAP_PERFMON",
+    ];
+    // The drop-in's lines add to the unit's; the union must still be exactly these five.
     let mut ambient = words(&d, "Service", "AmbientCapabilities");
     ambient.dedup();
     let mut bounding = words(&d, "Service", "CapabilityBoundingSet");

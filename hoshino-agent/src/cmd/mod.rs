@@ -18,7 +18,10 @@ pub mod addr;
 pub mod attach;
 pub mod config_file;
 pub mod detach;
+pub mod hosts;
+pub mod peers;
 pub mod policy;
+pub mod status;
 pub mod tunnel;
 
 pub use config_file::ConfigFile;
@@ -69,6 +72,12 @@ pub enum Command {
     Attach(attach::AttachArgs),
     /// Remove the classifier `attach` left pinned on an interface (link, maps, pins).
     Detach(detach::DetachArgs),
+    /// List the nodes in the bucket's directory (no running agent needed).
+    Peers(peers::PeersArgs),
+    /// Print /etc/hosts lines for the nodes in the directory.
+    Hosts(hosts::HostsArgs),
+    /// Ask the running agent (control socket in the state directory) how it is doing.
+    Status(status::StatusArgs),
     /// Policy file tools.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
@@ -92,6 +101,8 @@ pub enum CliError {
     },
     #[error("--bucket (HOSHINO_BUCKET, or `bucket` in the config file) is required")]
     MissingBucket,
+    #[error("--name: {0}")]
+    BadName(String),
 }
 
 /// Why the command line could not be turned into a [`Cli`].
@@ -156,6 +167,9 @@ pub async fn run(cli: Cli) -> ExitCode {
             }
         },
         Command::Tunnel(args) => tunnel::run(&args).await,
+        Command::Peers(args) => peers::run(&args).await,
+        Command::Hosts(args) => hosts::run(&args).await,
+        Command::Status(args) => status::run(&args).await,
     }
 }
 

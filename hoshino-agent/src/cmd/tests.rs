@@ -106,7 +106,7 @@ fn durations_parse_with_humantime_units() {
     ]);
     assert_eq!(Duration::from(t.heartbeat_min), Duration::from_micros(250));
     assert_eq!(Duration::from(t.heartbeat_max), Duration::from_millis(1500));
-    assert_eq!(Duration::from(t.s3_timeout), Duration::from_secs(120));
+    assert_eq!(Duration::from(t.s3.s3_timeout), Duration::from_secs(120));
     for bad in ["fast", "5 parsecs", "20"] {
         let all = ["hoshino-agent", "tunnel", "--idle-poll", bad];
         assert!(
@@ -236,8 +236,16 @@ fn missing_bucket_is_a_configuration_error() {
 
 #[test]
 fn path_style_flag_without_value_means_true() {
-    assert!(tunnel_args(&["--bucket", "b", "--path-style"]).path_style);
-    assert!(!tunnel_args(&["--bucket", "b", "--path-style", "false"]).path_style);
+    assert!(
+        tunnel_args(&["--bucket", "b", "--path-style"])
+            .s3
+            .path_style
+    );
+    assert!(
+        !tunnel_args(&["--bucket", "b", "--path-style", "false"])
+            .s3
+            .path_style
+    );
 }
 
 #[test]

@@ -7,11 +7,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Args;
+use hoshino_agent::directory::name::{NameError, NodeName};
 use hoshino_agent::edge::s3::S3Settings;
 use hoshino_agent::node_addr::NetworkPrefix;
 use hoshino_agent::tunnel::bundler::BundlerConfig;
 use hoshino_agent::tunnel::heartbeat::HeartbeatConfig;
-use hoshino_agent::tunnel::{self, DEFAULT_MTU, TunnelConfig};
+use hoshino_agent::tunnel::{self, DEFAULT_MTU, DnsConfig, TunnelConfig};
 
 use super::{CliError, EXIT_CONFIG, EXIT_RUNTIME};
 
@@ -39,8 +40,10 @@ pub struct NodeArgs {
     pub machine_id_file: PathBuf,
 }
 
+/// Where the network is (its bucket) and its key: shared by `tunnel`, `attach`, `peers` and
+/// `hosts`.
 #[derive(Debug, Clone, Args)]
-pub struct TunnelArgs {
+pub struct S3Args {
     /// Bucket shared by the network's nodes (required).
     #[arg(long, env = "HOSHINO_BUCKET", help_heading = "S3")]
     pub bucket: Option<String>,
@@ -72,23 +75,6 @@ pub struct TunnelArgs {
     #[arg(long, env = "HOSHINO_S3_MAX_ATTEMPTS", help_heading = "S3",
           default_value_t = s3_defaults().max_attempts)]
     pub s3_max_attempts: u32,
-
-    /// TUN interface name.
-    #[arg(long, env = "HOSHINO_TUN_NAME", help_heading = "Node", default_value = DEFAULT_TUN_NAME)]
-    pub tun_name: String,
-    /// TUN MTU.
-    #[arg(long, env = "HOSHINO_MTU", help_heading = "Node", default_value_t = DEFAULT_MTU)]
-    pub mtu: u32,
-    #[command(flatten, next_help_heading = "Node")]
-    pub node: NodeArgs,
-    /// Serve Prometheus metrics at http://ADDR:PORT/metrics [default: off].
-    #[arg(
-        long,
-        env = "HOSHINO_METRICS_LISTEN",
-        help_heading = "Node",
-        value_name = "ADDR:PORT"
-    )]
-    pub metrics_listen: Option<SocketAddr>,
     /// File holding the network key (16+ bytes): bundles are then encrypted and authenticated
     /// (format v2, XChaCha20-Poly1305) and plaintext ones rejected [default: none, plaintext].
     #[arg(
@@ -98,6 +84,51 @@ pub struct TunnelArgs {
         value_name = "FILE"
     )]
     pub network_key_file: Option<PathBuf>,
+}
+
+/// The agent's state directory: shared by `tunnel` and `status`.
+#[derive(Debug, Clone, Args)]
+pub struct StateArgs {
+    /// Directory for the delivery cursor `cursor-<node id>` (exactly-once delivery across
+    /// restarts) and the control socket `control.sock` (for `status`).
+    #[arg(long, env = "HOSHINO_STATE_DIR", value_name = "DIR", default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TunnelArgs {
+    #[command(flatten)]
+    pub s3: S3Args,
+
+    /// TUN interface name.
+    #[arg(long, env = "HOSHINO_TUN_NAME", help_heading = "Node", default_value = DEFAULT_TUN_NAME)]
+    pub tun_name: String,
+    /// TUN MTU.
+    #[arg(long, env = "HOSHINO_MTU", help_heading = "Node", default_value_t = DEFAULT_MTU)]
+    pub mtu: u32,
+    #[command(flatten, next_help_heading = "Node")]
+    pub node: NodeArgs,
+    /// This node's name in the directory and in DNS (one DNS label) [default: the short host
+    /// name, lowercased].
+    #[arg(long, env = "HOSHINO_NAME", help_heading = "Node")]
+    pub name: Option<String>,
+    /// Answer AAAA queries for `<name>.<dns-domain>` on the tunnel address.
+    #[arg(long, env = "HOSHINO_DNS", help_heading = "Names", num_args = 0..=1,
+          default_value_t = true, default_missing_value = "true", value_name = "BOOL")]
+    pub dns: bool,
+    /// UDP port of the name responder on the tunnel address.
+    #[arg(long, env = "HOSHINO_DNS_PORT", help_heading = "Names", default_value_t = hoshino_agent::dns::DNS_PORT)]
+    pub dns_port: u16,
+    #[command(flatten, next_help_heading = "Names")]
+    pub domain: super::hosts::DomainArgs,
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics [default: off].
+    #[arg(
+        long,
+        env = "HOSHINO_METRICS_LISTEN",
+        help_heading = "Node",
+        value_name = "ADDR:PORT"
+    )]
+    pub metrics_listen: Option<SocketAddr>,
 
     /// Fastest inbox poll interval, used while objects arrive.
     #[arg(long, env = "HOSHINO_HEARTBEAT_MIN", help_heading = "Polling", value_name = "DURATION",
@@ -145,11 +176,8 @@ pub struct TunnelArgs {
           default_value_t = BundlerConfig::default().buffer_bytes)]
     pub egress_buffer_bytes: usize,
 
-    /// Directory for the delivery cursor `cursor-<node id>` (exactly-once delivery across
-    /// restarts).
-    #[arg(long, env = "HOSHINO_STATE_DIR", help_heading = "Node", value_name = "DIR",
-          default_value = DEFAULT_STATE_DIR)]
-    pub state_dir: PathBuf,
+    #[command(flatten, next_help_heading = "Node")]
+    pub state: StateArgs,
     /// Byte budget over inbox GETs in flight plus bundles held for reordering; objects beyond it
     /// wait in the bucket (at least 16777216).
     #[arg(long, env = "HOSHINO_INGRESS_BUDGET_BYTES", help_heading = "Polling", value_name = "BYTES",
@@ -157,15 +185,15 @@ pub struct TunnelArgs {
     pub ingress_budget_bytes: usize,
 }
 
-impl TunnelArgs {
-    /// Whether a bucket is set (by flag, environment or file): `attach` starts a tunnel then.
+impl S3Args {
+    /// Whether a bucket is set (by flag, environment or file).
     pub fn has_bucket(&self) -> bool {
         self.bucket.as_deref().is_some_and(|b| !b.is_empty())
     }
 
-    /// The tunnel's configuration; what is left unset falls back to `AWS_ENDPOINT_URL` and the
-    /// AWS chain's region. Floors are checked by `TunnelConfig::validate` when it starts.
-    pub fn resolve(&self) -> Result<TunnelConfig, CliError> {
+    /// The S3 settings; what is left unset falls back to `AWS_ENDPOINT_URL` and the AWS chain's
+    /// region.
+    pub fn resolve(&self) -> Result<S3Settings, CliError> {
         let bucket = self
             .bucket
             .clone()
@@ -182,14 +210,44 @@ impl TunnelArgs {
         s3.attempt_timeout = self.s3_attempt_timeout.into();
         s3.operation_timeout = self.s3_timeout.into();
         s3.max_attempts = self.s3_max_attempts;
+        Ok(s3)
+    }
+}
+
+impl TunnelArgs {
+    /// `--name`, checked; `None` leaves the default to the tunnel (see `TunnelConfig::name`).
+    pub fn node_name(&self) -> Result<Option<NodeName>, CliError> {
+        self.name
+            .as_deref()
+            .map(|name| {
+                name.parse()
+                    .map_err(|e: NameError| CliError::BadName(e.to_string()))
+            })
+            .transpose()
+    }
+
+    /// Whether a bucket is set (by flag, environment or file): `attach` starts a tunnel then.
+    pub fn has_bucket(&self) -> bool {
+        self.s3.has_bucket()
+    }
+
+    /// The tunnel's configuration. Floors are checked by `TunnelConfig::validate` when it
+    /// starts.
+    pub fn resolve(&self) -> Result<TunnelConfig, CliError> {
+        let s3 = self.s3.resolve()?;
         Ok(TunnelConfig {
             s3,
+            name: self.node_name()?,
+            dns: self.dns.then(|| DnsConfig {
+                domain: self.domain.dns_domain.clone(),
+                port: self.dns_port,
+            }),
             tun_name: self.tun_name.clone(),
             mtu: self.mtu,
             prefix: self.node.prefix,
             machine_id_file: self.node.machine_id_file.clone(),
             metrics_listen: self.metrics_listen,
-            network_key_file: self.network_key_file.clone(),
+            network_key_file: self.s3.network_key_file.clone(),
             heartbeat: HeartbeatConfig {
                 min: self.heartbeat_min.into(),
                 max: self.heartbeat_max.into(),
@@ -205,7 +263,7 @@ impl TunnelArgs {
                 puts_in_flight: self.puts_in_flight,
                 buffer_bytes: self.egress_buffer_bytes,
             },
-            state_dir: self.state_dir.clone(),
+            state_dir: self.state.state_dir.clone(),
             ingress_budget_bytes: self.ingress_budget_bytes,
         })
     }

@@ -27,6 +27,10 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
+use crate::control::activity::{CountingTun, NotingStore};
+use crate::directory::name::{DnsDomain, NodeName};
+use crate::directory::publish::Publisher;
+use crate::directory::record::NodeRecord;
 use crate::edge::netlink::{LinkConfig, Netlink, NetlinkError};
 use crate::edge::s3::{S3Settings, S3Store};
 use crate::edge::tun_device::{self, TunError};
@@ -49,6 +53,11 @@ pub const DEFAULT_MTU: u32 = 53_049;
 #[derive(Debug, Clone)]
 pub struct TunnelConfig {
     pub s3: S3Settings,
+    /// This node's name in the directory (`directory/`); `None`: the host name's first label,
+    /// or `node-<node id>` when that is not a DNS label (see `directory::name::default_name`).
+    pub name: Option<NodeName>,
+    /// The name responder on the tunnel address; `None`: off.
+    pub dns: Option<DnsConfig>,
     pub tun_name: String,
     pub mtu: u32,
     pub prefix: NetworkPrefix,
@@ -60,6 +69,13 @@ pub struct TunnelConfig {
     /// Where the delivery cursor lives.
     pub state_dir: PathBuf,
     pub ingress_budget_bytes: usize,
+}
+
+/// Where and for which domain the name responder answers (`dns/`).
+#[derive(Debug, Clone)]
+pub struct DnsConfig {
+    pub domain: DnsDomain,
+    pub port: u16,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -187,24 +203,29 @@ impl TunnelConfig {
         })
     }
 
-    /// The network key: the file's bytes, one trailing newline ignored; at least 16 bytes.
+    /// The network key: see `load_network_key`.
     pub fn network_key(&self) -> Result<Option<NetworkKey>, TunnelError> {
-        let Some(path) = &self.network_key_file else {
-            return Ok(None);
-        };
-        let err = |reason: String| TunnelError::KeyFile {
-            path: path.clone(),
-            reason,
-        };
-        let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
-        let bytes = bytes.strip_suffix(b"\n").unwrap_or(&bytes);
-        NetworkKey::new(bytes).map(Some).ok_or_else(|| {
-            err(format!(
-                "key is {} bytes, at least 16 required",
-                bytes.len()
-            ))
-        })
+        load_network_key(self.network_key_file.as_deref())
     }
+}
+
+/// The network key: the file's bytes, one trailing newline ignored; at least 16 bytes.
+pub fn load_network_key(path: Option<&std::path::Path>) -> Result<Option<NetworkKey>, TunnelError> {
+    let Some(path) = path else {
+        return Ok(None);
+    };
+    let err = |reason: String| TunnelError::KeyFile {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+    let bytes = bytes.strip_suffix(b"\n").unwrap_or(&bytes);
+    NetworkKey::new(bytes).map(Some).ok_or_else(|| {
+        err(format!(
+            "key is {} bytes, at least 16 required",
+            bytes.len()
+        ))
+    })
 }
 
 /// A running tunnel.
@@ -265,24 +286,67 @@ impl Tunnel {
         }
         tracing::info!(tun = %link.link, address = %addr, mtu = config.mtu, "TUN configured");
         let client = crate::edge::s3::client(&config.s3).await;
-        let store = S3Store::with_settings(client, &config.s3, metrics.clone());
+        // `status` sees per-peer traffic and the last S3 error through these two wrappers.
+        let activity = Arc::new(crate::control::activity::Activity::default());
+        let store = NotingStore {
+            inner: S3Store::with_settings(client, &config.s3, metrics.clone()),
+            activity: activity.clone(),
+        };
         let session = rand_session();
         // Both loops use the TUN through one watch: a TUN deleted under the agent fails their
         // reads or writes, and the supervisor learns of it at once.
         let (device, tun_watch) = WatchedTun::new(tun.device.clone(), &tun.name, "tun");
-        let device = Arc::new(device);
         loops.watch_tun(tun_watch);
+        let tun_io = Arc::new(CountingTun {
+            inner: Arc::new(device),
+            prefix: config.prefix,
+            activity: activity.clone(),
+        });
         let sent = Arc::new(tokio::sync::Notify::new());
         let egress = Egress {
-            tun: device.clone(),
+            tun: tun_io.clone(),
             store: store.clone(),
             me: addr,
             metrics: metrics.clone(),
             bundler: Bundler::new(config.bundler, addr.id, session, key.clone()),
             sent: sent.clone(),
         };
+        let name = config
+            .name
+            .clone()
+            .unwrap_or_else(|| crate::directory::name::default_name(addr.id));
+        tracing::info!(%name, "directory name");
+        let publisher = Publisher {
+            store: store.clone(),
+            record: NodeRecord::new(addr, name.clone(), crate::directory::unix_millis_now()),
+            key: key.clone(),
+        };
+        match crate::control::socket::bind(&config.state_dir) {
+            Ok(listener) => {
+                let server = crate::control::socket::ControlServer {
+                    listener,
+                    path: crate::control::socket::socket_path(&config.state_dir),
+                    me: crate::control::report::Identity {
+                        name: name.to_string(),
+                        addr,
+                        started_at_unix_ms: crate::directory::unix_millis_now(),
+                    },
+                    metrics: metrics.clone(),
+                    activity,
+                };
+                let control_rx = rx.clone();
+                loops.spawn("control socket", async move {
+                    server.run(control_rx).await;
+                    Ok(())
+                });
+            }
+            Err(e) => tracing::error!("{e}; `status` cannot reach this agent"),
+        }
+        if let Some(dns) = &config.dns {
+            start_names(dns, addr, tun.ifindex, &store, key.clone(), &rx, &mut loops).await;
+        }
         let ingress = Ingress {
-            tun: device,
+            tun: tun_io,
             store,
             me: addr,
             metrics: metrics.clone(),
@@ -296,6 +360,11 @@ impl Tunnel {
         let egress_rx = rx.clone();
         loops.spawn("egress", async move {
             egress.run(egress_rx).await;
+            Ok(())
+        });
+        let publisher_rx = rx.clone();
+        loops.spawn("directory publisher", async move {
+            publisher.run(publisher_rx).await;
             Ok(())
         });
         loops.spawn("ingress", async move {
@@ -336,6 +405,74 @@ impl Tunnel {
         tracing::info!(tun = %self.link.link, "tunnel down; route, address and link removed");
         removed.map_err(Into::into)
     }
+}
+
+/// The directory refresher and the name responder on `[addr]:port`. A socket that cannot be bound
+/// (no CAP_NET_BIND_SERVICE for port 53) is logged and leaves the tunnel without names rather
+/// than without a tunnel.
+async fn start_names(
+    dns: &DnsConfig,
+    addr: NodeAddr,
+    ifindex: u32,
+    store: &NotingStore<S3Store>,
+    key: Option<NetworkKey>,
+    shutdown: &watch::Receiver<bool>,
+    loops: &mut Supervisor,
+) {
+    use crate::directory::refresh::Refresher;
+    use crate::dns::server::{Responder, bind};
+    let listen = SocketAddr::new(addr.ip().into(), dns.port);
+    let socket = match bind(listen).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("{e}; names are not served");
+            return;
+        }
+    };
+    tracing::info!(%listen, domain = %dns.domain, "name responder listening");
+    let (directory, reader) =
+        watch::channel(Arc::new(crate::directory::table::Directory::default()));
+    let wanted = Arc::new(tokio::sync::Notify::new());
+    let refresher = Refresher {
+        store: store.clone(),
+        key,
+        directory,
+        wanted: wanted.clone(),
+    };
+    let responder = Responder {
+        socket,
+        domain: dns.domain.clone(),
+        directory: reader,
+        wanted,
+    };
+    let refresher_rx = shutdown.clone();
+    loops.spawn("directory refresher", async move {
+        refresher.run(refresher_rx).await;
+        Ok(())
+    });
+    let responder_rx = shutdown.clone();
+    loops.spawn("name responder", async move {
+        responder.run(responder_rx).await;
+        Ok(())
+    });
+    let (domain, port) = (dns.domain.clone(), dns.port);
+    let mut stop = shutdown.clone();
+    // Registered in the background (busctl may take a moment), reverted at shutdown, before the
+    // link goes away.
+    loops.spawn("resolved registration", async move {
+        let ip = addr.ip();
+        let registration = tokio::task::spawn_blocking(move || {
+            crate::dns::resolved::Registration::register(ifindex, ip, port, &domain)
+        })
+        .await
+        .ok()
+        .flatten();
+        let _ = stop.wait_for(|s| *s).await;
+        if let Some(r) = registration {
+            let _ = tokio::task::spawn_blocking(move || r.revert()).await;
+        }
+        Ok(())
+    });
 }
 
 /// Starts the tunnel, waits for `shutdown`, stops it.

@@ -51,6 +51,8 @@ pub const MIN_KEY_LEN: usize = 16;
 /// HKDF `info`: binds the derived key to this use, so the same key file used for anything else
 /// (or a later format) yields an unrelated key.
 const KDF_LABEL: &[u8] = b"hoshino bundle v2 xchacha20-poly1305 key";
+/// HKDF `info` of the directory records' key.
+const DIRECTORY_KDF_LABEL: &[u8] = b"hoshino directory v2 xchacha20-poly1305 key";
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq, Clone)]
 pub enum BundleError {
@@ -111,6 +113,9 @@ impl BundleError {
 #[derive(Clone)]
 pub struct NetworkKey {
     aead: XChaCha20Poly1305,
+    /// The directory's key (`directory::record`), derived from the same secret under its own
+    /// label, so a bundle can never be passed off as a directory record or the reverse.
+    directory: XChaCha20Poly1305,
     source_len: usize,
 }
 
@@ -122,14 +127,21 @@ impl NetworkKey {
         }
         // No salt: the key file is already a secret of full entropy or close to it; the label
         // does the domain separation.
+        let hkdf = Hkdf::<Sha256>::new(None, bytes);
         let mut okm = [0u8; 32];
-        Hkdf::<Sha256>::new(None, bytes)
-            .expand(KDF_LABEL, &mut okm)
-            .ok()?;
+        hkdf.expand(KDF_LABEL, &mut okm).ok()?;
+        let mut directory = [0u8; 32];
+        hkdf.expand(DIRECTORY_KDF_LABEL, &mut directory).ok()?;
         Some(NetworkKey {
             aead: XChaCha20Poly1305::new(&okm.into()),
+            directory: XChaCha20Poly1305::new(&directory.into()),
             source_len: bytes.len(),
         })
+    }
+
+    /// The cipher directory records are sealed with.
+    pub(crate) fn directory_cipher(&self) -> &XChaCha20Poly1305 {
+        &self.directory
     }
 }
 

@@ -1,0 +1,153 @@
+//! Registration with systemd-resolved, the way tailscaled does it: on the TUN link, the
+//! responder as the link's DNS server, `~<domain>` as its routing-only domain (only names under
+//! the domain go there), and the link never the default route for other names. Spoken over D-Bus
+//! with `busctl` (part of systemd, so present wherever resolved is); reverted on exit.
+//!
+//! `register_calls` and `revert_call` are the sans-IO part (the busctl arguments); `Registration`
+//! runs them. Nothing is done where resolved is not running (`/run/systemd/resolve` absent).
+
+use std::net::Ipv6Addr;
+use std::path::Path;
+
+use crate::directory::name::DnsDomain;
+
+const BUS_NAME: &str = "org.freedesktop.resolve1";
+const OBJECT: &str = "/org/freedesktop/resolve1";
+const MANAGER: &str = "org.freedesktop.resolve1.Manager";
+/// Present while systemd-resolved runs.
+pub const RESOLVED_RUNTIME_DIR: &str = "/run/systemd/resolve";
+const AF_INET6: i32 = 10;
+
+fn call(method: &str, signature: &str, args: Vec<String>) -> Vec<String> {
+    let mut v = vec![
+        "call".to_string(),
+        BUS_NAME.to_string(),
+        OBJECT.to_string(),
+        MANAGER.to_string(),
+        method.to_string(),
+        signature.to_string(),
+    ];
+    v.extend(args);
+    v
+}
+
+/// The busctl argument lists that register `[addr]:port` for `~domain` on link `ifindex`.
+pub fn register_calls(
+    ifindex: u32,
+    addr: Ipv6Addr,
+    port: u16,
+    domain: &DnsDomain,
+) -> Vec<Vec<String>> {
+    let mut dns = vec![
+        ifindex.to_string(),
+        "1".into(),
+        AF_INET6.to_string(),
+        "16".into(),
+    ];
+    dns.extend(addr.octets().iter().map(|b| b.to_string()));
+    dns.push(port.to_string());
+    // No TLS server name.
+    dns.push(String::new());
+    vec![
+        call("SetLinkDNSEx", "ia(iayqs)", dns),
+        call(
+            "SetLinkDomains",
+            "ia(sb)",
+            vec![
+                ifindex.to_string(),
+                "1".into(),
+                domain.to_string(),
+                "true".into(),
+            ],
+        ),
+        call(
+            "SetLinkDefaultRoute",
+            "ib",
+            vec![ifindex.to_string(), "false".into()],
+        ),
+    ]
+}
+
+pub fn revert_call(ifindex: u32) -> Vec<String> {
+    call("RevertLink", "i", vec![ifindex.to_string()])
+}
+
+/// A registration made; `revert` undoes it.
+#[derive(Debug)]
+pub struct Registration {
+    ifindex: u32,
+}
+
+fn busctl(args: &[String]) -> Result<(), String> {
+    let out = std::process::Command::new("busctl")
+        .args(args)
+        .output()
+        .map_err(|e| format!("cannot run busctl: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+    }
+}
+
+impl Registration {
+    /// Registers when resolved runs; `None` (logged) when it does not or refuses.
+    pub fn register(
+        ifindex: u32,
+        addr: Ipv6Addr,
+        port: u16,
+        domain: &DnsDomain,
+    ) -> Option<Registration> {
+        if !Path::new(RESOLVED_RUNTIME_DIR).exists() {
+            tracing::info!(
+                "systemd-resolved is not running: not registering {domain}; `hoshino-agent hosts` prints /etc/hosts lines instead"
+            );
+            return None;
+        }
+        for args in register_calls(ifindex, addr, port, domain) {
+            if let Err(e) = busctl(&args) {
+                tracing::warn!("systemd-resolved registration failed ({}): {e}", args[4]);
+                let _ = busctl(&revert_call(ifindex));
+                return None;
+            }
+        }
+        tracing::info!(%domain, "registered with systemd-resolved for ~{domain}");
+        Some(Registration { ifindex })
+    }
+
+    pub fn revert(self) {
+        if let Err(e) = busctl(&revert_call(self.ifindex)) {
+            tracing::warn!("systemd-resolved revert failed: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registration_sets_the_links_dns_server_routing_domain_and_no_default_route() {
+        let calls = register_calls(
+            7,
+            "fd00::1".parse().expect("addr"),
+            53,
+            &DnsDomain::default(),
+        );
+        let methods: Vec<&str> = calls.iter().map(|c| c[4].as_str()).collect();
+        assert_eq!(
+            methods,
+            ["SetLinkDNSEx", "SetLinkDomains", "SetLinkDefaultRoute"]
+        );
+        let dns = &calls[0][5..];
+        assert_eq!(&dns[..5], ["ia(iayqs)", "7", "1", "10", "16"]);
+        assert_eq!(dns[5], "253", "first address byte 0xfd");
+        assert_eq!(&dns[21..], ["53", ""]);
+        assert_eq!(
+            &calls[1][5..],
+            ["ia(sb)", "7", "1", "hoshino.internal", "true"]
+        );
+        assert_eq!(&calls[2][5..], ["ib", "7", "false"]);
+        assert_eq!(&revert_call(7)[4..], ["RevertLink", "i", "7"]);
+    }
+}
