@@ -325,7 +325,7 @@ async fn bulk_requests_per_gib(latency: Latency, name: &str) -> f64 {
 /// fill rule and the inbox's probe rules: roughly 350 PUTs of data bundles (3 MiB on average),
 /// 200 PUTs of ACK bundles, a GET per bundle and 300 probe misses. Until the target is
 /// met this guards against regressions at a ceiling above what is measured, and the figure is
-/// printed; the target is NOT met (see DESIGN.md, "Cost").
+/// printed; the target is NOT met (see README, "Measured").
 const REQUESTS_PER_GIB_TARGET: f64 = 1000.0;
 const REQUESTS_PER_GIB_CEILING: f64 = 1800.0;
 
