@@ -5,6 +5,8 @@
 
 mod interceptor_support;
 
+mod dashboard_support;
+
 use std::time::Duration;
 
 use hoshino_tests::agent::{Agent, METRICS_LISTEN};
@@ -135,4 +137,15 @@ fn ping_and_http_download_cross_through_s3_by_tunnel_verdict() {
         "the tunnel rule decided the packets:\n{text}"
     );
     assert!(metrics.sum("hoshino_egress_packets_total") > 0.0, "{text}");
+    // The Grafana dashboard's every query, per-rule panels included, against this live `attach`
+    // agent's exposition.
+    let exposed = dashboard_support::exposed(&text);
+    let missing: Vec<String> = dashboard_support::queried()
+        .into_iter()
+        .filter(|n| !exposed.contains(n))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "the dashboard queries {missing:?}, not exposed:\n{text}"
+    );
 }
