@@ -161,9 +161,10 @@ fn tunnel_runs_as_nobody_holding_only_cap_net_admin() {
         Duration::from_secs(60),
     )
     .unwrap_or_else(|e| panic!("ping: {e}"));
-    assert_eq!(
-        report.received,
-        3,
+    // With `-w`, ping keeps sending until 3 replies came; the replies to requests that waited
+    // for the receiver to wake arrive together, so it may count more than 3.
+    assert!(
+        report.received >= 3,
         "ping between unprivileged agents: {}\n{}\n{}",
         report.raw,
         read(&log_path(&net, 1)),
