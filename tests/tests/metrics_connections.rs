@@ -88,9 +88,11 @@ fn ten_thousand_idle_metrics_connections_leave_metrics_and_the_tunnel_working() 
 
     let idle = idle_connections(&node.ns, addr, IDLE_CONNECTIONS);
     assert_eq!(idle.len(), IDLE_CONNECTIONS);
+    // Bounded well below the agent's 1,024: at most 64 kept connections, plus sockets accepted
+    // and not yet displaced, plus the agent's own (S3 client, TUN, DNS, control socket).
     let fds = open_descriptors(agent.pid());
     assert!(
-        fds < 256,
+        fds < 512,
         "the agent holds {fds} descriptors with {IDLE_CONNECTIONS} idle connections open"
     );
 
