@@ -1,0 +1,303 @@
+//! The agent's registration with a real systemd-resolved (Debian's 252, unpacked by
+//! `scripts/bootstrap.sh`, never installed on the host) on a real system bus: node n1 boots
+//! systemd with dbus and systemd-resolved in its namespace (`systemd_support`), its agent runs in
+//! that container's mount namespace (it sees `/run/systemd/resolve` and the bus) and registers
+//! its name responder on `hoshino0`; node n2 is an ordinary testbed agent. The test reads back
+//! what resolved holds for the link over D-Bus, resolves n2's name through resolved (its D-Bus
+//! API, its stub listener on 127.0.0.53 and glibc via `/etc/resolv.conf`), pings n2 by that
+//! name through the tunnel, and after SIGTERM finds the registration reverted and nothing left
+//! in resolved for the link. Needs root, systemd, dbus, dig and a built `hoshino-agent` and
+//! testbed binaries; about 15 s.
+//!
+//! Timeouts are generous limits for a loaded 2-core machine, never measurements.
+
+mod systemd_support;
+
+use std::net::Ipv6Addr;
+use std::time::Duration;
+
+use hoshino_tests::agent::{Agent, TUN_NAME};
+use hoshino_tests::s3_backend::BackendKind;
+use hoshino_tests::tunnel_net::{AGENT_READY_TIMEOUT, NetOptions, TunnelNet};
+use serde_json::{Value, json};
+use systemd_support::{Boot, Container, resolved_root, wait_for};
+
+const RESOLVED: &str = "systemd-resolved.service";
+const RESOLVE1: &str = "org.freedesktop.resolve1";
+const MANAGER: [&str; 3] = [
+    RESOLVE1,
+    "/org/freedesktop/resolve1",
+    "org.freedesktop.resolve1.Manager",
+];
+/// Not 53: resolved keeps the default port as 0, so only another port shows that the agent's
+/// port reaches resolved.
+const DNS_PORT: u16 = 5300;
+const AF_INET6: u64 = 10;
+const WAIT: Duration = Duration::from_secs(60);
+
+/// `busctl --json=short <args>` in the container, parsed; `Err(stderr)` when busctl fails.
+fn busctl(container: &Container, args: &[&str]) -> Result<Value, String> {
+    let mut all = vec!["--json=short"];
+    all.extend_from_slice(args);
+    let out = container.output("busctl", &all);
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).trim().to_owned());
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.trim())
+        .map_err(|e| format!("busctl {args:?} printed no JSON ({e}): {text}"))
+}
+
+/// resolved's D-Bus object for link `ifindex`, or resolved's refusal.
+fn link_object(container: &Container, ifindex: u64) -> Result<String, String> {
+    let index = ifindex.to_string();
+    let mut args = vec!["call"];
+    args.extend_from_slice(&MANAGER);
+    args.extend_from_slice(&["GetLink", "i", &index]);
+    let reply = busctl(container, &args)?;
+    reply["data"][0]
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| format!("GetLink replied {reply}"))
+}
+
+fn link_property(container: &Container, object: &str, property: &str) -> Value {
+    busctl(
+        container,
+        &[
+            "get-property",
+            RESOLVE1,
+            object,
+            "org.freedesktop.resolve1.Link",
+            property,
+        ],
+    )
+    .unwrap_or_else(|e| panic!("{property} of {object}: {e}"))["data"]
+        .clone()
+}
+
+fn ifindex(net: &TunnelNet, node: u8) -> u64 {
+    let out = net
+        .node(node)
+        .expect("node")
+        .ns
+        .ip(&["-j", "link", "show", TUN_NAME])
+        .expect("the TUN exists");
+    let links: Value = serde_json::from_str(&out).expect("ip -j prints JSON");
+    links[0]["ifindex"].as_u64().expect("an ifindex")
+}
+
+fn logs(agents: &[&Agent], container: &Container) -> String {
+    let mut text: String = agents
+        .iter()
+        .map(|a| format!("--- {} ---\n{}\n", a.log_path().display(), a.log_tail(30)))
+        .collect();
+    text += &container.run("resolvectl", &["status", "--no-pager"]);
+    text += &container.journal(RESOLVED);
+    text
+}
+
+/// A testbed of `nodes` nodes whose node n1 runs systemd with dbus and systemd-resolved (started
+/// and active). Field order is drop order: the container before the testbed's namespaces.
+struct ResolvedBed {
+    container: Container,
+    net: TunnelNet,
+}
+
+impl ResolvedBed {
+    fn start(nodes: u8) -> Self {
+        let resolved = resolved_root();
+        let net = TunnelNet::without_agents(BackendKind::S3sFs, nodes, &NetOptions::default())
+            .unwrap_or_else(|e| panic!("testbed: {e}"));
+        let n1 = net.node(1).expect("n1");
+        let mut boot = Boot::new(n1.ns.name(), net.scratch());
+        boot.layer(&resolved.join("usr"), "/usr")
+            .layer(&resolved.join("lib/systemd"), "/usr/lib/systemd");
+        // What a host whose resolver is systemd-resolved has, so glibc asks its stub listener.
+        std::fs::write(boot.etc().join("resolv.conf"), "nameserver 127.0.0.53\n")
+            .expect("resolv.conf");
+        let container = boot.start();
+        container.systemctl(&["start", RESOLVED]);
+        assert_eq!(
+            container.systemctl(&["is-active", RESOLVED]).trim(),
+            "active",
+            "{}",
+            container.journal(RESOLVED)
+        );
+        Self { container, net }
+    }
+
+    /// n1's agent in the container's mount namespace (it sees `/run/systemd/resolve` and the
+    /// system bus), its responder on `DNS_PORT`, ready.
+    fn start_n1(&self) -> Agent {
+        let port = DNS_PORT.to_string();
+        let mut agent = Agent::start_with(
+            self.net.node(1).expect("n1"),
+            self.net.endpoint(),
+            self.net.scratch(),
+            &["--dns-port", &port],
+            |agent| self.container.command(agent),
+        )
+        .unwrap_or_else(|e| panic!("agent n1: {e}"));
+        agent
+            .wait_ready(AGENT_READY_TIMEOUT)
+            .unwrap_or_else(|e| panic!("agent n1: {e}"));
+        agent
+    }
+}
+
+#[test]
+fn the_agent_registers_its_responder_with_systemd_resolved_and_reverts_it_on_exit() {
+    let bed = ResolvedBed::start(2);
+    let (net, container) = (&bed.net, &bed.container);
+    let (n1, n2) = (net.node(1).expect("n1"), net.node(2).expect("n2"));
+
+    // n2 first, and its record in the bucket before n1 starts, so n1's responder knows n2 from
+    // its first directory read.
+    let n2_agent = Agent::start_ready(n2, net.endpoint(), net.scratch(), &[], AGENT_READY_TIMEOUT)
+        .unwrap_or_else(|e| panic!("agent n2: {e}"));
+    wait_for(WAIT, "n2's directory record", || {
+        net.list_keys(1, "v2/nodes/")
+            .ok()
+            .filter(|keys| keys.iter().any(|k| k.ends_with(&n2.node_id)))
+    });
+    let mut n1_agent = bed.start_n1();
+    wait_for(WAIT, "the agent's registration", || {
+        let log = n1_agent.log_text();
+        assert!(
+            !log.contains("registration failed"),
+            "{}",
+            logs(&[&n1_agent], container)
+        );
+        log.contains("registered with systemd-resolved")
+            .then_some(())
+    });
+
+    // What resolved holds for the TUN link, read back over D-Bus.
+    let tun = ifindex(net, 1);
+    let object = link_object(container, tun).unwrap_or_else(|e| panic!("link {tun}: {e}"));
+    let n1_addr: Ipv6Addr = n1.tunnel_addr;
+    let status = container.run("resolvectl", &["status", TUN_NAME]);
+    assert_eq!(
+        link_property(container, &object, "DNSEx"),
+        json!([[AF_INET6, n1_addr.octets(), DNS_PORT, ""]]),
+        "the responder on the tunnel address and its port is the link's one DNS server:\n{status}"
+    );
+    assert_eq!(
+        link_property(container, &object, "Domains"),
+        json!([["hoshino.internal", true]]),
+        "hoshino.internal is the link's one domain, routing-only (~hoshino.internal):\n{status}"
+    );
+    assert_eq!(
+        link_property(container, &object, "DefaultRoute"),
+        json!(false),
+        "other names never go to the link:\n{status}"
+    );
+    for property in ["LLMNR", "MulticastDNS", "DNSSEC", "DNSOverTLS"] {
+        assert_eq!(
+            link_property(container, &object, property),
+            json!("no"),
+            "{property} is off on the link:\n{status}"
+        );
+    }
+    assert!(
+        status.contains(&format!("DNS Servers: [{n1_addr}]:{DNS_PORT}"))
+            && status.contains("DNS Domain: ~hoshino.internal")
+            && status.contains("-DefaultRoute"),
+        "resolvectl status {TUN_NAME}:\n{status}"
+    );
+
+    // n2's name through resolved: its D-Bus API, its stub listener, and glibc (getent, ping).
+    let n2_addr = n2.tunnel_addr.to_string();
+    let name = "n2.hoshino.internal";
+    let query = wait_for(WAIT, "resolvectl query n2.hoshino.internal", || {
+        let out = container.output("resolvectl", &["query", "--cache=no", "-6", name]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        (out.status.success() && text.contains(&n2_addr)).then_some(text)
+    });
+    assert!(
+        query.contains(&format!("{name}: {n2_addr}")) && query.contains("via protocol DNS"),
+        "{query}"
+    );
+    let stub = container.run(
+        "dig",
+        &["@127.0.0.53", "AAAA", name, "+short", "+time=5", "+tries=2"],
+    );
+    assert_eq!(stub.trim(), n2_addr, "dig @127.0.0.53 AAAA {name}");
+    let getent = container.run("getent", &["ahostsv6", name]);
+    assert!(
+        getent
+            .lines()
+            .next()
+            .is_some_and(|l| l.starts_with(&n2_addr)),
+        "getent ahostsv6 {name}: {getent:?}"
+    );
+    let ping = container.output("ping", &["-6", "-c", "1", "-W", "10", name]);
+    assert!(
+        ping.status.success(),
+        "ping {name} through the tunnel: {}{}\n{}",
+        String::from_utf8_lossy(&ping.stdout),
+        String::from_utf8_lossy(&ping.stderr),
+        logs(&[&n1_agent, &n2_agent], container)
+    );
+
+    // SIGTERM: the registration is reverted while the link still exists, then the link goes.
+    let exit = n1_agent
+        .stop(Duration::from_secs(15))
+        .unwrap_or_else(|e| panic!("stopping agent n1: {e}"));
+    assert!(exit.success(), "agent n1 exited with {exit}");
+    let log = n1_agent.log_text();
+    assert!(
+        log.contains("systemd-resolved registration reverted") && !log.contains("revert on link"),
+        "{}",
+        n1_agent.log_tail(30)
+    );
+    let gone = link_object(container, tun).expect_err("resolved still has the TUN link");
+    assert!(gone.contains("not known"), "GetLink {tun}: {gone}");
+    let domains = container.run("resolvectl", &["domain"]);
+    assert!(!domains.contains("hoshino.internal"), "{domains}");
+    let after = container.output("resolvectl", &["query", "--cache=no", "-6", name]);
+    assert!(
+        !after.status.success() && !String::from_utf8_lossy(&after.stdout).contains(&n2_addr),
+        "{name} still resolves through resolved: {}",
+        String::from_utf8_lossy(&after.stdout)
+    );
+}
+
+#[test]
+fn a_registration_resolved_does_not_take_is_logged_and_the_tunnel_runs_without_it() {
+    let bed = ResolvedBed::start(1);
+    // Stopped, resolved leaves its runtime directory (RuntimeDirectoryPreserve=yes), so the
+    // agent tries, and the bus has no one to answer (the unit is not enabled for activation).
+    bed.container.systemctl(&["stop", RESOLVED]);
+    let runtime = bed
+        .container
+        .output("test", &["-d", "/run/systemd/resolve"]);
+    assert!(runtime.status.success(), "/run/systemd/resolve is gone");
+    let mut agent = bed.start_n1();
+    let warning = wait_for(WAIT, "the registration's failure in the log", || {
+        agent
+            .log_text()
+            .lines()
+            .find(|l| l.contains("systemd-resolved registration failed"))
+            .map(str::to_owned)
+    });
+    assert!(
+        warning.contains("WARN") && warning.contains("SetLinkDNSEx on link"),
+        "{warning}"
+    );
+    assert!(
+        agent.exit_status().is_none(),
+        "the tunnel runs on:\n{}",
+        agent.log_tail(30)
+    );
+    let exit = agent
+        .stop(Duration::from_secs(15))
+        .unwrap_or_else(|e| panic!("stopping agent n1: {e}"));
+    assert!(exit.success(), "agent n1 exited with {exit}");
+    assert!(
+        !agent.log_text().contains("reverted"),
+        "nothing registered, nothing reverted:\n{}",
+        agent.log_tail(30)
+    );
+}
