@@ -146,6 +146,72 @@ impl ResolvedBed {
     }
 }
 
+/// What resolved holds for link `tun`, read back over D-Bus: the responder on `addr` and
+/// `DNS_PORT` as its one DNS server, `~hoshino.internal` as its one domain, not the default
+/// route, and what the responder does not speak switched off.
+fn assert_registered(container: &Container, tun: u64, addr: Ipv6Addr) {
+    let object = link_object(container, tun).unwrap_or_else(|e| panic!("link {tun}: {e}"));
+    let status = container.run("resolvectl", &["status", TUN_NAME]);
+    assert_eq!(
+        link_property(container, &object, "DNSEx"),
+        json!([[AF_INET6, addr.octets(), DNS_PORT, ""]]),
+        "the responder on the tunnel address and its port is the link's one DNS server:\n{status}"
+    );
+    assert_eq!(
+        link_property(container, &object, "Domains"),
+        json!([["hoshino.internal", true]]),
+        "hoshino.internal is the link's one domain, routing-only (~hoshino.internal):\n{status}"
+    );
+    assert_eq!(
+        link_property(container, &object, "DefaultRoute"),
+        json!(false),
+        "other names never go to the link:\n{status}"
+    );
+    for property in ["LLMNR", "MulticastDNS", "DNSSEC", "DNSOverTLS"] {
+        assert_eq!(
+            link_property(container, &object, property),
+            json!("no"),
+            "{property} is off on the link:\n{status}"
+        );
+    }
+    assert!(
+        status.contains(&format!("DNS Servers: [{addr}]:{DNS_PORT}"))
+            && status.contains("DNS Domain: ~hoshino.internal")
+            && status.contains("-DefaultRoute"),
+        "resolvectl status {TUN_NAME}:\n{status}"
+    );
+}
+
+/// Waits until n1's agent logs its registration; a logged failure fails at once.
+fn wait_registered(agent: &Agent, container: &Container) {
+    wait_for(WAIT, "the agent's registration", || {
+        let log = agent.log_text();
+        assert!(
+            !log.contains("registration failed"),
+            "{}",
+            logs(&[agent], container)
+        );
+        log.contains("registered with systemd-resolved")
+            .then_some(())
+    });
+}
+
+/// resolved forgot link `tun`: no object, and `~hoshino.internal` on no link.
+fn assert_forgotten(container: &Container, tun: u64) {
+    let gone = link_object(container, tun).expect_err("resolved still has the TUN link");
+    assert!(gone.contains("not known"), "GetLink {tun}: {gone}");
+    let domains = container.run("resolvectl", &["domain"]);
+    assert!(!domains.contains("hoshino.internal"), "{domains}");
+}
+
+fn resolve_through_resolved(container: &Container, name: &str, want: &str) -> String {
+    wait_for(WAIT, &format!("resolvectl query {name}"), || {
+        let out = container.output("resolvectl", &["query", "--cache=no", "-6", name]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        (out.status.success() && text.contains(want)).then_some(text)
+    })
+}
+
 #[test]
 fn the_agent_registers_its_responder_with_systemd_resolved_and_reverts_it_on_exit() {
     let bed = ResolvedBed::start(2);
@@ -173,48 +239,13 @@ fn the_agent_registers_its_responder_with_systemd_resolved_and_reverts_it_on_exi
             .then_some(())
     });
 
-    // What resolved holds for the TUN link, read back over D-Bus.
     let tun = ifindex(net, 1);
-    let object = link_object(container, tun).unwrap_or_else(|e| panic!("link {tun}: {e}"));
-    let n1_addr: Ipv6Addr = n1.tunnel_addr;
-    let status = container.run("resolvectl", &["status", TUN_NAME]);
-    assert_eq!(
-        link_property(container, &object, "DNSEx"),
-        json!([[AF_INET6, n1_addr.octets(), DNS_PORT, ""]]),
-        "the responder on the tunnel address and its port is the link's one DNS server:\n{status}"
-    );
-    assert_eq!(
-        link_property(container, &object, "Domains"),
-        json!([["hoshino.internal", true]]),
-        "hoshino.internal is the link's one domain, routing-only (~hoshino.internal):\n{status}"
-    );
-    assert_eq!(
-        link_property(container, &object, "DefaultRoute"),
-        json!(false),
-        "other names never go to the link:\n{status}"
-    );
-    for property in ["LLMNR", "MulticastDNS", "DNSSEC", "DNSOverTLS"] {
-        assert_eq!(
-            link_property(container, &object, property),
-            json!("no"),
-            "{property} is off on the link:\n{status}"
-        );
-    }
-    assert!(
-        status.contains(&format!("DNS Servers: [{n1_addr}]:{DNS_PORT}"))
-            && status.contains("DNS Domain: ~hoshino.internal")
-            && status.contains("-DefaultRoute"),
-        "resolvectl status {TUN_NAME}:\n{status}"
-    );
+    assert_registered(container, tun, n1.tunnel_addr);
 
     // n2's name through resolved: its D-Bus API, its stub listener, and glibc (getent, ping).
     let n2_addr = n2.tunnel_addr.to_string();
     let name = "n2.hoshino.internal";
-    let query = wait_for(WAIT, "resolvectl query n2.hoshino.internal", || {
-        let out = container.output("resolvectl", &["query", "--cache=no", "-6", name]);
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        (out.status.success() && text.contains(&n2_addr)).then_some(text)
-    });
+    let query = resolve_through_resolved(container, name, &n2_addr);
     assert!(
         query.contains(&format!("{name}: {n2_addr}")) && query.contains("via protocol DNS"),
         "{query}"
@@ -241,6 +272,16 @@ fn the_agent_registers_its_responder_with_systemd_resolved_and_reverts_it_on_exi
         logs(&[&n1_agent, &n2_agent], container)
     );
 
+    // resolved keeps runtime link settings across its own restart (under
+    // /run/systemd/resolve/netif), so the agent need not register again.
+    container.systemctl(&["restart", RESOLVED]);
+    assert_eq!(
+        container.systemctl(&["is-active", RESOLVED]).trim(),
+        "active"
+    );
+    assert_registered(container, tun, n1.tunnel_addr);
+    resolve_through_resolved(container, name, &n2_addr);
+
     // SIGTERM: the registration is reverted while the link still exists, then the link goes.
     let exit = n1_agent
         .stop(Duration::from_secs(15))
@@ -252,10 +293,7 @@ fn the_agent_registers_its_responder_with_systemd_resolved_and_reverts_it_on_exi
         "{}",
         n1_agent.log_tail(30)
     );
-    let gone = link_object(container, tun).expect_err("resolved still has the TUN link");
-    assert!(gone.contains("not known"), "GetLink {tun}: {gone}");
-    let domains = container.run("resolvectl", &["domain"]);
-    assert!(!domains.contains("hoshino.internal"), "{domains}");
+    assert_forgotten(container, tun);
     let after = container.output("resolvectl", &["query", "--cache=no", "-6", name]);
     assert!(
         !after.status.success() && !String::from_utf8_lossy(&after.stdout).contains(&n2_addr),
@@ -300,4 +338,25 @@ fn a_registration_resolved_does_not_take_is_logged_and_the_tunnel_runs_without_i
         "nothing registered, nothing reverted:\n{}",
         agent.log_tail(30)
     );
+}
+
+#[test]
+fn a_killed_agent_leaves_nothing_in_resolved_because_its_link_goes_with_it() {
+    let bed = ResolvedBed::start(1);
+    let mut agent = bed.start_n1();
+    wait_registered(&agent, &bed.container);
+    let tun = ifindex(&bed.net, 1);
+    assert_registered(
+        &bed.container,
+        tun,
+        bed.net.node(1).expect("n1").tunnel_addr,
+    );
+    agent
+        .kill(Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("killing agent n1: {e}"));
+    // The kernel removes a TUN whose last descriptor closes; resolved follows over rtnetlink.
+    wait_for(WAIT, "resolved to forget the link", || {
+        link_object(&bed.container, tun).is_err().then_some(())
+    });
+    assert_forgotten(&bed.container, tun);
 }
