@@ -20,9 +20,10 @@ use hoshino_tests::agent::{Agent, TUN_NAME};
 use hoshino_tests::s3_backend::BackendKind;
 use hoshino_tests::tunnel_net::{AGENT_READY_TIMEOUT, NetOptions, TunnelNet};
 use serde_json::{Value, json};
-use systemd_support::{Boot, Container, resolved_root, wait_for};
+use systemd_support::{Boot, Container, repo_file, resolved_root, wait_for};
 
 const RESOLVED: &str = "systemd-resolved.service";
+const UNIT: &str = "hoshino-agent.service";
 const RESOLVE1: &str = "org.freedesktop.resolve1";
 const MANAGER: [&str; 3] = [
     RESOLVE1,
@@ -106,6 +107,11 @@ struct ResolvedBed {
 
 impl ResolvedBed {
     fn start(nodes: u8) -> Self {
+        Self::start_prepared(nodes, |_, _| ())
+    }
+
+    /// As `start`, with `prepare` adding to the container's files before it boots.
+    fn start_prepared(nodes: u8, prepare: impl FnOnce(&mut Boot, &TunnelNet)) -> Self {
         let resolved = resolved_root();
         let net = TunnelNet::without_agents(BackendKind::S3sFs, nodes, &NetOptions::default())
             .unwrap_or_else(|e| panic!("testbed: {e}"));
@@ -116,6 +122,7 @@ impl ResolvedBed {
         // What a host whose resolver is systemd-resolved has, so glibc asks its stub listener.
         std::fs::write(boot.etc().join("resolv.conf"), "nameserver 127.0.0.53\n")
             .expect("resolv.conf");
+        prepare(&mut boot, &net);
         let container = boot.start();
         container.systemctl(&["start", RESOLVED]);
         assert_eq!(
@@ -125,6 +132,27 @@ impl ResolvedBed {
             container.journal(RESOLVED)
         );
         Self { container, net }
+    }
+
+    /// Starts n2's agent and waits until its directory record is in the bucket, so that n1's
+    /// responder knows n2 from its first directory read.
+    fn start_n2(&self) -> Agent {
+        let n2 = self.net.node(2).expect("n2");
+        let agent = Agent::start_ready(
+            n2,
+            self.net.endpoint(),
+            self.net.scratch(),
+            &[],
+            AGENT_READY_TIMEOUT,
+        )
+        .unwrap_or_else(|e| panic!("agent n2: {e}"));
+        wait_for(WAIT, "n2's directory record", || {
+            self.net
+                .list_keys(1, "v2/nodes/")
+                .ok()
+                .filter(|keys| keys.iter().any(|k| k.ends_with(&n2.node_id)))
+        });
+        agent
     }
 
     /// n1's agent in the container's mount namespace (it sees `/run/systemd/resolve` and the
@@ -218,15 +246,8 @@ fn the_agent_registers_its_responder_with_systemd_resolved_and_reverts_it_on_exi
     let (net, container) = (&bed.net, &bed.container);
     let (n1, n2) = (net.node(1).expect("n1"), net.node(2).expect("n2"));
 
-    // n2 first, and its record in the bucket before n1 starts, so n1's responder knows n2 from
-    // its first directory read.
-    let n2_agent = Agent::start_ready(n2, net.endpoint(), net.scratch(), &[], AGENT_READY_TIMEOUT)
-        .unwrap_or_else(|e| panic!("agent n2: {e}"));
-    wait_for(WAIT, "n2's directory record", || {
-        net.list_keys(1, "v2/nodes/")
-            .ok()
-            .filter(|keys| keys.iter().any(|k| k.ends_with(&n2.node_id)))
-    });
+    // n2 first, and its record in the bucket before n1 starts.
+    let n2_agent = bed.start_n2();
     let mut n1_agent = bed.start_n1();
     wait_for(WAIT, "the agent's registration", || {
         let log = n1_agent.log_text();
@@ -359,4 +380,65 @@ fn a_killed_agent_leaves_nothing_in_resolved_because_its_link_goes_with_it() {
         link_object(&bed.container, tun).is_err().then_some(())
     });
     assert_forgotten(&bed.container, tun);
+}
+
+#[test]
+fn the_deployed_unit_registers_as_root_in_exec_start_post_and_the_registration_goes_with_it() {
+    let bed = ResolvedBed::start_prepared(2, |boot, net| {
+        let agent = hoshino_tests::binaries::agent().expect("hoshino-agent binary");
+        let endpoint = net.endpoint();
+        let n1 = net.node(1).expect("n1");
+        boot.etc_file(
+            &format!("systemd/system/{UNIT}"),
+            &repo_file(&format!("deploy/{UNIT}")),
+        )
+        .etc_file("hoshino/machine-id", &n1.machine_id_file)
+        .local_bin("hoshino-agent", &agent);
+        let etc = boot.etc();
+        std::fs::write(
+            etc.join("hoshino/agent.toml"),
+            format!(
+                "bucket = \"{}\"\nendpoint-url = \"{}\"\nregion = \"{}\"\npath-style = true\n\
+                 machine-id-file = \"/etc/hoshino/machine-id\"\nname = \"n1\"\ndns-port = {DNS_PORT}\n\
+                 log-format = \"text\"\n",
+                endpoint.bucket, endpoint.url, endpoint.region
+            ),
+        )
+        .expect("agent.toml");
+        std::fs::write(
+            etc.join("hoshino/agent.env"),
+            format!(
+                "AWS_ACCESS_KEY_ID={}\nAWS_SECRET_ACCESS_KEY={}\nAWS_EC2_METADATA_DISABLED=true\n",
+                endpoint.access_key, endpoint.secret_key
+            ),
+        )
+        .expect("agent.env");
+    });
+    let container = &bed.container;
+    let _n2_agent = bed.start_n2();
+    // Returns once ExecStartPost is done.
+    container.systemctl(&["start", UNIT]);
+    assert_eq!(
+        container.systemctl(&["is-active", UNIT]).trim(),
+        "active",
+        "{}",
+        container.journal(UNIT)
+    );
+    // The unprivileged agent leaves the registration to ExecStartPost, which makes it.
+    container.wait_journal(
+        UNIT,
+        "not root: systemd-resolved takes link settings from root only",
+        1,
+    );
+    container.wait_journal(UNIT, "registered with systemd-resolved", 1);
+    let tun = ifindex(&bed.net, 1);
+    assert_registered(container, tun, bed.net.node(1).expect("n1").tunnel_addr);
+    let n2_addr = bed.net.node(2).expect("n2").tunnel_addr.to_string();
+    resolve_through_resolved(container, "n2.hoshino.internal", &n2_addr);
+
+    container.systemctl(&["stop", UNIT]);
+    wait_for(WAIT, "resolved to forget the link", || {
+        link_object(container, tun).is_err().then_some(())
+    });
+    assert_forgotten(container, tun);
 }

@@ -125,6 +125,15 @@ impl Registration {
             );
             return None;
         }
+        // SAFETY: geteuid(2) has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            // resolved asks polkit about every caller but root (CAP_NET_ADMIN does not count
+            // over D-Bus), and dbus-daemon drops DynamicUser= callers (systemd issue 22737).
+            tracing::info!(
+                "not root: systemd-resolved takes link settings from root only; `hoshino-agent resolved` registers {domain} as root (the systemd unit runs it as ExecStartPost)"
+            );
+            return None;
+        }
         for args in register_calls(ifindex, addr, port, domain) {
             if let Err(e) = busctl(&args) {
                 tracing::warn!(

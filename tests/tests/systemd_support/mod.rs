@@ -330,6 +330,11 @@ pub fn wait_for<T>(timeout: Duration, what: &str, mut probe: impl FnMut() -> Opt
     }
 }
 
+/// `path` under the repository root.
+pub fn repo_file(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
+}
+
 /// Where `scripts/bootstrap.sh` unpacks Debian's systemd-resolved package (never installed on
 /// the host: its maintainer scripts would take over the host's /etc/resolv.conf), one
 /// directory per version.
