@@ -130,7 +130,7 @@ impl Registration {
             // resolved asks polkit about every caller but root (CAP_NET_ADMIN does not count
             // over D-Bus), and dbus-daemon drops DynamicUser= callers (systemd issue 22737).
             tracing::info!(
-                "not root: systemd-resolved takes link settings from root only; `hoshino-agent resolved` registers {domain} as root (the systemd unit runs it as ExecStartPost)"
+                "not root: systemd-resolved takes link settings from root only; `hoshino-agent resolved` run as root registers {domain} (the systemd unit runs it in ExecStartPost)"
             );
             return None;
         }
