@@ -9,7 +9,8 @@
 //!
 //! `register_calls`, `tuning_calls` and `revert_call` are the sans-IO part (the busctl
 //! arguments); `Registration` runs them. Nothing is done where resolved is not running
-//! (`/run/systemd/resolve` absent). Proven against systemd-resolved 252 by
+//! (`/run/systemd/resolve` absent), nor by a process that is not root: resolved would refuse it
+//! (`cmd/resolved.rs` is the root side for the unprivileged unit). Proven against systemd-resolved 252 by
 //! `tests/tests/systemd_resolved.rs`.
 
 use std::net::Ipv6Addr;
@@ -112,7 +113,8 @@ fn busctl(args: &[String]) -> Result<(), String> {
 }
 
 impl Registration {
-    /// Registers when resolved runs; `None` (logged) when it does not or refuses.
+    /// Registers when resolved runs and this process is root; `None` (logged) when resolved
+    /// does not run or refuses, or when this process is not root.
     pub fn register(
         ifindex: u32,
         addr: Ipv6Addr,
