@@ -2,12 +2,14 @@
 //! `scripts/bootstrap.sh`, never installed on the host) on a real system bus: node n1 boots
 //! systemd with dbus and systemd-resolved in its namespace (`systemd_support`), its agent runs in
 //! that container's mount namespace (it sees `/run/systemd/resolve` and the bus) and registers
-//! its name responder on `hoshino0`; node n2 is an ordinary testbed agent. The test reads back
-//! what resolved holds for the link over D-Bus, resolves n2's name through resolved (its D-Bus
-//! API, its stub listener on 127.0.0.53 and glibc via `/etc/resolv.conf`), pings n2 by that
-//! name through the tunnel, and after SIGTERM finds the registration reverted and nothing left
-//! in resolved for the link. Needs root, systemd, dbus, dig and a built `hoshino-agent` and
-//! testbed binaries; about 15 s.
+//! its name responder on `hoshino0`; node n2 is an ordinary testbed agent. The tests read back
+//! what resolved holds for the link over D-Bus, resolve n2's name through resolved (its D-Bus
+//! API, its stub listener on 127.0.0.53 and glibc via `/etc/resolv.conf`), ping n2 by that name
+//! through the tunnel, restart resolved, and after SIGTERM or SIGKILL find nothing left in
+//! resolved for the link; a resolved that does not answer is logged and the tunnel runs; and the
+//! deployed unit (unprivileged, DynamicUser) registers through its root `ExecStartPost`. Needs
+//! root, systemd, dbus, dig and built `hoshino-agent` and testbed binaries; about 10 s for all
+//! four (one container each, in parallel).
 //!
 //! Timeouts are generous limits for a loaded 2-core machine, never measurements.
 
