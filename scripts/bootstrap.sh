@@ -15,8 +15,9 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 # util-linux: setpriv (tests run the agent holding only CAP_NET_ADMIN); systemd: systemd-analyze
-# (tests verify deploy/hoshino-agent.service).
-apt_pkgs=(iproute2 iputils-ping dnsutils iperf3 nftables curl ethtool procps util-linux systemd "llvm-${LLVM_MAJOR}-dev" libpolly-"${LLVM_MAJOR}"-dev libzstd-dev zlib1g-dev)
+# (tests verify deploy/hoshino-agent.service) and PID 1 of the tests' containers; dbus: their
+# system bus.
+apt_pkgs=(iproute2 iputils-ping dnsutils iperf3 nftables curl ethtool procps util-linux systemd dbus "llvm-${LLVM_MAJOR}-dev" libpolly-"${LLVM_MAJOR}"-dev libzstd-dev zlib1g-dev)
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -53,4 +54,25 @@ if [ ${#py_missing[@]} -gt 0 ]; then
   log "pip install ${py_missing[*]}"
   python3 -m pip install -q --disable-pip-version-check "${py_missing[@]}"
 fi
+# systemd-resolved for tests/tests/systemd_resolved.rs: the package of the installed systemd's
+# version (it depends on exactly that libsystemd-shared), downloaded and unpacked, never
+# installed: its maintainer scripts would point this host's /etc/resolv.conf at a resolver the
+# host does not run. The test overlays it in a container's mount namespace only.
+resolved_version=$(dpkg-query -W -f='${Version}' systemd)
+resolved_dir="/var/cache/hoshino/systemd-resolved/$resolved_version"
+if [ ! -x "$resolved_dir/root/lib/systemd/systemd-resolved" ]; then
+  log "systemd-resolved $resolved_version: download and unpack into $resolved_dir/root (not installed)"
+  mkdir -p "$resolved_dir"
+  rm -f "$resolved_dir"/*.deb
+  # In a subshell: apt-get download writes into the current directory.
+  if ! (cd "$resolved_dir" && apt-get download -qq "systemd-resolved=$resolved_version" 2>/dev/null); then
+    apt-get update -qq
+    (cd "$resolved_dir" && apt-get download -qq "systemd-resolved=$resolved_version" 2>/dev/null)
+  fi
+  rm -rf "$resolved_dir/root.partial"
+  dpkg-deb -x "$resolved_dir"/systemd-resolved_*.deb "$resolved_dir/root.partial"
+  rm -rf "$resolved_dir/root"
+  mv "$resolved_dir/root.partial" "$resolved_dir/root"
+fi
+
 log "ready"

@@ -66,6 +66,21 @@ impl Agent {
         log_dir: &Path,
         extra: &[&str],
     ) -> Result<Self, AgentError> {
+        Self::start_with(node, endpoint, log_dir, extra, |agent| {
+            node.ns.command(agent)
+        })
+    }
+
+    /// As `start`, with the command that runs the agent binary made by `launch` (e.g. `nsenter`
+    /// into a container inside `node`'s namespace); it must exec the binary, so that the child's
+    /// pid is the agent's and SIGTERM reaches it.
+    pub fn start_with(
+        node: &Node,
+        endpoint: &S3Endpoint,
+        log_dir: &Path,
+        extra: &[&str],
+        launch: impl FnOnce(&Path) -> std::process::Command,
+    ) -> Result<Self, AgentError> {
         let log = log_dir.join(format!("agent-n{}.log", node.index));
         let out = std::fs::File::create(&log).map_err(|source| AgentError::Log {
             path: log.clone(),
@@ -75,7 +90,7 @@ impl Agent {
             path: log.clone(),
             source,
         })?;
-        let mut cmd = node.ns.command(binaries::agent()?);
+        let mut cmd = launch(&binaries::agent()?);
         cmd.arg("tunnel")
             .args(["--bucket", &endpoint.bucket])
             .args(["--endpoint-url", &endpoint.url])

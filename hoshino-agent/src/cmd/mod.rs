@@ -21,6 +21,7 @@ pub mod detach;
 pub mod hosts;
 pub mod peers;
 pub mod policy;
+pub mod resolved;
 pub mod status;
 pub mod tunnel;
 
@@ -78,6 +79,9 @@ pub enum Command {
     Hosts(hosts::HostsArgs),
     /// Ask the running agent (control socket in the state directory) how it is doing.
     Status(status::StatusArgs),
+    /// Register the running tunnel's name responder with systemd-resolved, as root, for an
+    /// agent that is not (the systemd unit's `ExecStartPost`).
+    Resolved(resolved::ResolvedArgs),
     /// Policy file tools.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
@@ -170,6 +174,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Peers(args) => peers::run(&args).await,
         Command::Hosts(args) => hosts::run(&args).await,
         Command::Status(args) => status::run(&args).await,
+        Command::Resolved(args) => resolved::run(&args).await,
     }
 }
 

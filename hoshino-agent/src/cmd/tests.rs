@@ -196,6 +196,24 @@ fn flags_win_over_file_and_file_over_defaults() {
 }
 
 #[test]
+fn resolved_reads_the_tunnels_link_port_and_domain_from_the_same_file() {
+    let file = TempConfig::new(
+        "bucket = \"b\"\ntun-name = \"hs1\"\ndns-port = 5300\ndns-domain = \"net.internal\"\nprefix = \"fd00:1::/64\"\n",
+    );
+    let cli = parse(["hoshino-agent", "--config", file.arg(), "resolved"]).unwrap();
+    let Command::Resolved(r) = cli.command else {
+        panic!("{cli:?}")
+    };
+    assert_eq!(r.bucket.as_deref(), Some("b"));
+    assert_eq!(r.tun_name, "hs1");
+    assert_eq!(r.dns_port, 5300);
+    assert_eq!(r.domain.dns_domain.to_string(), "net.internal");
+    assert_eq!(r.node.prefix, "fd00:1::/64".parse().unwrap());
+    assert!(r.dns);
+    assert_eq!(r.tun_wait, Duration::from_secs(30));
+}
+
+#[test]
 fn one_file_serves_every_subcommand_each_taking_its_own_keys() {
     let file = TempConfig::new(
         "bucket = \"b\"\ninterface = \"eth1\"\npolicy = \"/etc/hoshino/policy.toml\"\nprefix = \"fd00:1::/64\"\nlog-verdicts = true\n",
