@@ -61,7 +61,7 @@ impl Default for BundlerConfig {
         BundlerConfig {
             // Several MiB: under load bundles grow to this (rate x PUT latency); fewer, larger
             // PUTs are what makes a GiB cheap.
-            max_bytes: 4 * 1024 * 1024,
+            max_bytes: 8 * 1024 * 1024,
             // 8 Mbit/s: far above interactive traffic (a ping every 50 ms is 2.5 kB/s), which
             // keeps leaving at once, and below what any bulk flow moves.
             load_rate: 1024 * 1024,

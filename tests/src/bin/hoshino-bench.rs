@@ -76,7 +76,7 @@ struct Args {
     multi_mib: u64,
     /// Object size of the raw PUT->GET pipeline: the agent's maximum bundle size
     /// (`--bundle-max-bytes`'s default).
-    #[arg(long, default_value_t = 4 * 1024 * 1024)]
+    #[arg(long, default_value_t = 8 * 1024 * 1024)]
     raw_object_bytes: usize,
     /// Objects in flight in the raw pipeline: the agent's PUT concurrency per destination.
     #[arg(long, default_value_t = 4)]
