@@ -20,7 +20,7 @@ use hoshino_agent::store::memory_store::MemoryStore;
 use hoshino_agent::store::retry::{RetryPolicy, RetryingStore};
 use hoshino_agent::tunnel::bundler::{Bundler, BundlerConfig};
 use hoshino_agent::tunnel::cursor::CursorFile;
-use hoshino_agent::tunnel::egress::Egress;
+use hoshino_agent::tunnel::egress::{Egress, HEARD_CHANNEL};
 use hoshino_agent::tunnel::heartbeat::HeartbeatConfig;
 use hoshino_agent::tunnel::ingress::{DEFAULT_BUDGET_BYTES, Ingress};
 use hoshino_agent::wire::mailbox::inbox_prefix;
@@ -101,6 +101,7 @@ impl Node {
         let cursor = cursor_file.load().expect("loading the cursor");
         let (shutdown, rx) = watch::channel(false);
         let sent = Arc::new(tokio::sync::Notify::new());
+        let (heard_tx, heard_rx) = tokio::sync::mpsc::channel(HEARD_CHANNEL);
         let egress = Egress {
             tun: tun.clone(),
             store: store.clone(),
@@ -108,6 +109,7 @@ impl Node {
             metrics: metrics.clone(),
             bundler: Bundler::new(BundlerConfig::default(), id, seed, None),
             sent: sent.clone(),
+            heard: heard_rx,
         };
         let ingress = Ingress {
             tun,
@@ -117,6 +119,7 @@ impl Node {
             key: None,
             heartbeat: HeartbeatConfig::default(),
             sent,
+            heard: heard_tx,
             cursor,
             cursor_file,
             budget_bytes: DEFAULT_BUDGET_BYTES,

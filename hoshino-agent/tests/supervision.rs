@@ -44,6 +44,7 @@ fn egress<T: PacketIo>(tun: Arc<T>) -> Egress<MemoryStore, T> {
         metrics: Arc::new(Metrics::default()),
         bundler: Bundler::new(BundlerConfig::default(), id, 1, None),
         sent: Arc::new(tokio::sync::Notify::new()),
+        heard: tokio::sync::mpsc::channel(1).1,
     }
 }
 

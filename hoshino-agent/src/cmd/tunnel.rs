@@ -156,13 +156,29 @@ pub struct TunnelArgs {
     #[arg(long, env = "HOSHINO_BUNDLE_MAX_AGE", help_heading = "Bundling", value_name = "DURATION",
           default_value_t = duration(BundlerConfig::default().max_age))]
     pub bundle_max_age: humantime::Duration,
-    /// Under load (a PUT to the destination ended less than a PUT latency ago) a bundle smaller
-    /// than this waits up to one PUT latency more to fill: fewer, larger PUTs for bulk traffic
-    /// and coalesced ACKs, while a lone packet to a quiet destination still leaves at once.
-    /// 0 turns the rule off.
-    #[arg(long, env = "HOSHINO_BUNDLE_MIN_FILL", help_heading = "Bundling", value_name = "BYTES",
-          default_value_t = BundlerConfig::default().min_fill_bytes)]
-    pub bundle_min_fill: usize,
+    /// Bytes per second to and from a destination (together) above which it is under load.
+    /// Under load a bundle that is not full waits for the destination's next bundle to be
+    /// delivered here (plus `--bundle-gather`), so one bundle per round trip carries a TCP window
+    /// each way; below it a packet to a quiet destination leaves at once. 0: never under load.
+    #[arg(long, env = "HOSHINO_BUNDLE_LOAD_RATE", help_heading = "Bundling", value_name = "BYTES",
+          default_value_t = BundlerConfig::default().load_rate)]
+    pub bundle_load_rate: u64,
+    /// Under load, how long a bundle stays open after a reply from its destination arrived
+    /// (what the local stack sends in answer joins it).
+    #[arg(long, env = "HOSHINO_BUNDLE_GATHER", help_heading = "Bundling", value_name = "DURATION",
+          default_value_t = duration(BundlerConfig::default().gather))]
+    pub bundle_gather: humantime::Duration,
+    /// Under load with no reply heard, a bundle leaves this many PUT latencies (EWMA) after our
+    /// last PUT to its destination ended (within 2-250 ms).
+    #[arg(long, env = "HOSHINO_BUNDLE_REPLY_WAIT", help_heading = "Bundling", value_name = "PUTS",
+          default_value_t = BundlerConfig::default().reply_wait)]
+    pub bundle_reply_wait: u32,
+    /// Under load, the least time between two bundles to a destination that are not full (0:
+    /// off). Fewer PUTs per GiB where the round trip is shorter than the pace, at the price of
+    /// throughput and of up to this much latency under load: a knob for cost over speed.
+    #[arg(long, env = "HOSHINO_BUNDLE_PACE", help_heading = "Bundling", value_name = "DURATION",
+          default_value_t = duration(BundlerConfig::default().pace))]
+    pub bundle_pace: humantime::Duration,
     /// PUTs per destination the age rule may have in flight; full bundles always leave.
     #[arg(long, env = "HOSHINO_PUTS_PER_DEST", help_heading = "Bundling",
           default_value_t = BundlerConfig::default().puts_per_dest)]
@@ -257,7 +273,10 @@ impl TunnelArgs {
             },
             bundler: BundlerConfig {
                 max_bytes: self.bundle_max_bytes,
-                min_fill_bytes: self.bundle_min_fill,
+                load_rate: self.bundle_load_rate,
+                gather: self.bundle_gather.into(),
+                reply_wait: self.bundle_reply_wait,
+                pace: self.bundle_pace.into(),
                 max_age: self.bundle_max_age.into(),
                 puts_per_dest: self.puts_per_dest,
                 puts_in_flight: self.puts_in_flight,

@@ -2,22 +2,34 @@
 //!
 //! The bundler is self-clocking, as Nagle's algorithm is: an open bundle per destination
 //! collects packets, and is sealed and handed out for a PUT when
-//! - its destination has no PUT in flight (a lone packet to an idle destination leaves at once),
+//! - its destination has no PUT in flight (a lone packet to a quiet destination leaves at once),
 //! - it reached `max_bytes` (or `MAX_PACKETS`): full bundles are PUT concurrently, so a fast
 //!   sender is not held to one PUT at a time,
 //! - or its oldest packet is `max_age` old and its destination has fewer than `puts_per_dest`
 //!   PUTs in flight (a safety net for a PUT that hangs in its retries).
 //!
-//! One refinement makes bulk traffic cheap: under load (the destination's last PUT ended less
-//! than one PUT latency ago, an EWMA of successful PUTs) a bundle smaller than `min_fill_bytes`
-//! waits until its oldest packet is one PUT latency old. A window-limited flow loses little by it
-//! (a bundle far smaller than the window adds its fill time to the round trip once), while its
-//! bundles, and the ACK bundles coming back, become several times fewer. A lone packet to a
-//! quiet destination still leaves at once.
+//! Under load the bundler clocks itself on the peer's replies, so that one bundle per round trip
+//! carries a whole TCP window each way. A destination is under load while the bytes we send it
+//! plus the bytes it sends us exceed `load_rate` (an exponentially weighted rate over
+//! `LOAD_WINDOW`); then a bundle that is not full leaves only
+//! - `gather` after the first bundle heard from that destination since our last PUT to it (what
+//!   the peer's bundle releases, the ACKs it draws or the data its ACKs let out, is written by
+//!   the local stack within that time), or
+//! - when nothing was heard, `reply_wait` PUT latencies after our last PUT to it ended (a one-way
+//!   stream, or a reply that got lost),
 //!
-//! So while a PUT is in flight the next bundle grows with the arrival rate for one PUT latency:
-//! bundles are rate x PUT latency (up to `max_bytes`) without a rate estimate, and a direction
-//! that carries only ACKs coalesces them into one PUT per PUT latency instead of one per burst.
+//! and, with a `pace` set (off by default), no sooner than `pace` after the previous bundle to it.
+//! Full bundles are not paced. A pace bounds each direction to one PUT that is not full per
+//! `pace`, so requests per GiB fall as 1 / (rate x pace) on a store faster than the pace; it
+//! costs throughput (README, "Measured"), so it is a knob for cost over speed.
+//!
+//! Why: a window-limited flow sends its window when the ACKs arrive and then waits. Sent at once,
+//! the first packets of each burst left in a bundle of their own and the rest in the next, and
+//! the bursts split again on every pass until about one bundle per PUT latency circulated each
+//! way (four to six per round trip, each drawing its own GET and probe misses). Sent on the
+//! reply, one burst circulates, as large as the window; it waits only `gather` at each end, as
+//! the flow would have waited for the ACKs anyway.
+//!
 //! Fewer than `puts_in_flight` PUTs run in total. Bytes held (open, sealed and in flight) are
 //! bounded by `buffer_bytes`; a packet that does not fit is refused and the caller counts it.
 
@@ -30,7 +42,14 @@ use crate::wire::bundle::{BundleHeader, BundleWriter, HEADER_LEN, MAC_LEN, Netwo
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BundlerConfig {
     pub max_bytes: usize,
-    pub min_fill_bytes: usize,
+    /// Bytes per second to and from a destination above which it is under load (0: never).
+    pub load_rate: u64,
+    /// Under load, how long a bundle stays open after a reply from its destination arrived.
+    pub gather: Duration,
+    /// Under load with no reply heard, PUT latencies after our last PUT before a bundle leaves.
+    pub reply_wait: u32,
+    /// Under load, the least time between two bundles to a destination, unless full.
+    pub pace: Duration,
     pub max_age: Duration,
     pub puts_per_dest: usize,
     pub puts_in_flight: usize,
@@ -42,9 +61,19 @@ impl Default for BundlerConfig {
         BundlerConfig {
             // Several MiB: under load bundles grow to this (rate x PUT latency); fewer, larger
             // PUTs are what makes a GiB cheap.
-            max_bytes: 4 * 1024 * 1024,
-            // Small against a TCP window of a few MiB, large against an ACK burst.
-            min_fill_bytes: 256 * 1024,
+            max_bytes: 8 * 1024 * 1024,
+            // 8 Mbit/s: far above interactive traffic (a ping every 50 ms is 2.5 kB/s), which
+            // keeps leaving at once, and below what any bulk flow moves.
+            load_rate: 1024 * 1024,
+            // The local stack answers a written bundle within microseconds; one millisecond also
+            // covers a sender refilling its socket buffer.
+            gather: Duration::from_millis(1),
+            // A reply takes the peer's GET and PUT plus our GET (about three PUT latencies) after
+            // our PUT ended; four leaves room for a probe's wait.
+            reply_wait: 4,
+            // Off by default: in the testbed a 100 ms pace cut PUTs per GiB under load, but also
+            // multi-flow throughput by about half (README, "Measured"). A knob for cost over speed.
+            pace: Duration::ZERO,
             // Above a PUT's usual latency (S3 Standard's p99 is well under 100 ms), so it fires
             // only when a PUT hangs in its retries.
             max_age: Duration::from_millis(100),
@@ -93,11 +122,52 @@ pub struct Bundler {
     pace: HashMap<NodeId, Pace>,
 }
 
-/// Per destination: how long its PUTs take (EWMA) and when the last one ended.
+/// Time constant of the load meter.
+pub const LOAD_WINDOW: Duration = Duration::from_millis(250);
+/// Bounds of the wait for a reply under load.
+const REPLY_WAIT_MIN: Duration = Duration::from_millis(2);
+const REPLY_WAIT_MAX: Duration = Duration::from_millis(250);
+
+/// Per destination: the traffic exchanged with it, how long its PUTs take (EWMA), when our
+/// last PUT to it started and ended, and when we last heard from it.
 #[derive(Clone, Copy, Debug)]
 struct Pace {
-    latency: Duration,
-    last_done: Instant,
+    /// Bytes to and from the destination, decayed with `LOAD_WINDOW` to `load_at`.
+    load_bytes: f64,
+    load_at: Instant,
+    latency: Option<Duration>,
+    last_sealed: Option<Instant>,
+    last_done: Option<Instant>,
+    /// The first bundle heard from it since `last_sealed`.
+    heard: Option<Instant>,
+}
+
+impl Pace {
+    fn new(now: Instant) -> Pace {
+        Pace {
+            load_bytes: 0.0,
+            load_at: now,
+            latency: None,
+            last_sealed: None,
+            last_done: None,
+            heard: None,
+        }
+    }
+
+    fn decayed(&self, now: Instant) -> f64 {
+        let dt = now.saturating_duration_since(self.load_at).as_secs_f64();
+        self.load_bytes * (-dt / LOAD_WINDOW.as_secs_f64()).exp()
+    }
+
+    fn add_load(&mut self, bytes: usize, now: Instant) {
+        self.load_bytes = self.decayed(now) + bytes as f64;
+        self.load_at = now.max(self.load_at);
+    }
+
+    /// Bytes per second exchanged lately.
+    fn rate(&self, now: Instant) -> f64 {
+        self.decayed(now) / LOAD_WINDOW.as_secs_f64()
+    }
 }
 
 impl Bundler {
@@ -124,29 +194,55 @@ impl Bundler {
 
     /// A PUT to `dest` succeeded after `took`, at `now`.
     pub fn put_succeeded(&mut self, dest: NodeId, took: Duration, now: Instant) {
-        let latency = match self.pace.get(&dest) {
+        let p = self.pace.entry(dest).or_insert_with(|| Pace::new(now));
+        p.latency = Some(match p.latency {
             // Weight 1/4: follows a change of the store's latency within a few PUTs.
-            Some(p) => (p.latency * 3 + took) / 4,
+            Some(l) => (l * 3 + took) / 4,
             None => took,
-        };
-        self.pace.insert(
-            dest,
-            Pace {
-                latency,
-                last_done: now,
-            },
-        );
+        });
+        p.last_done = Some(now);
     }
 
-    /// While `dest` is under load, how long a small bundle to it waits from its oldest packet
-    /// (one PUT latency), and when the load ends (`None`: not under load).
-    fn fill_wait(&self, dest: &NodeId, now: Instant) -> Option<(Duration, Instant)> {
-        if self.config.min_fill_bytes == 0 {
+    /// A bundle of `bytes` from `peer` was delivered to the local stack at `now`: a reply to
+    /// what we sent it, and load between us.
+    pub fn heard(&mut self, peer: NodeId, bytes: usize, now: Instant) {
+        let p = self.pace.entry(peer).or_insert_with(|| Pace::new(now));
+        p.add_load(bytes, now);
+        if p.heard.is_none() {
+            p.heard = Some(now);
+        }
+    }
+
+    /// Whether `dest` is under load at `now`.
+    pub fn under_load(&self, dest: &NodeId, now: Instant) -> bool {
+        self.config.load_rate > 0
+            && self
+                .pace
+                .get(dest)
+                .is_some_and(|p| p.rate(now) >= self.config.load_rate as f64)
+    }
+
+    /// Under load, when an open bundle to `dest` whose oldest packet is `oldest` may leave
+    /// (with no PUT to `dest` in flight); `None`: not under load, at once.
+    fn release_at(&self, dest: &NodeId, oldest: Instant, now: Instant) -> Option<Instant> {
+        if !self.under_load(dest, now) {
             return None;
         }
         let p = self.pace.get(dest)?;
-        let busy_until = p.last_done + p.latency;
-        (now < busy_until).then_some((p.latency.min(self.config.max_age), busy_until))
+        let gathered = |t: Instant| t.max(oldest) + self.config.gather;
+        let reply = match (p.heard, p.last_done, p.latency) {
+            (Some(heard), _, _) => gathered(heard),
+            (None, Some(done), Some(latency)) => {
+                let wait = (latency * self.config.reply_wait).clamp(REPLY_WAIT_MIN, REPLY_WAIT_MAX);
+                (done + wait).max(oldest + self.config.gather)
+            }
+            // Nothing sent to it yet (or no PUT ended): the first bundle needs no reply.
+            _ => gathered(oldest),
+        };
+        Some(match p.last_sealed {
+            Some(sealed) => reply.max(sealed + self.config.pace),
+            None => reply,
+        })
     }
 
     pub fn buffered_bytes(&self) -> usize {
@@ -165,7 +261,7 @@ impl Bundler {
             .get(&dest)
             .is_some_and(|o| o.writer.is_full() || o.writer.len() + cost > self.config.max_bytes);
         if needs_seal {
-            self.seal(dest);
+            self.seal(dest, Some(now));
         }
         let fresh = !self.open.contains_key(&dest);
         let extra = cost
@@ -187,8 +283,12 @@ impl Bundler {
             oldest: now,
         });
         open.writer.push(packet);
+        self.pace
+            .entry(dest)
+            .or_insert_with(|| Pace::new(now))
+            .add_load(packet.len(), now);
         if open.writer.len() >= self.config.max_bytes || open.writer.is_full() {
-            self.seal(dest);
+            self.seal(dest, Some(now));
         }
         Ok(())
     }
@@ -197,10 +297,16 @@ impl Bundler {
         if self.key.is_some() { MAC_LEN } else { 0 }
     }
 
-    fn seal(&mut self, dest: NodeId) {
+    /// Seals `dest`'s open bundle; from `now` on, a reply to it is awaited under load.
+    fn seal(&mut self, dest: NodeId, now: Option<Instant>) {
         let Some(open) = self.open.remove(&dest) else {
             return;
         };
+        if let Some(now) = now {
+            let p = self.pace.entry(dest).or_insert_with(|| Pace::new(now));
+            p.last_sealed = Some(now);
+            p.heard = None;
+        }
         let seq = self.next_seq.entry(dest).or_insert(0);
         let header = BundleHeader {
             sender: self.sender,
@@ -255,16 +361,12 @@ impl Bundler {
                     if in_flight > 0 {
                         return age >= self.config.max_age && in_flight < self.config.puts_per_dest;
                     }
-                    match self.fill_wait(dest, now) {
-                        Some((wait, _)) => {
-                            open.writer.len() >= self.config.min_fill_bytes || age >= wait
-                        }
-                        None => true,
-                    }
+                    self.release_at(dest, open.oldest, now)
+                        .is_none_or(|t| now >= t)
                 })
                 .min_by_key(|(_, open)| open.oldest)
                 .map(|(dest, _)| *dest);
-            self.seal(ready?);
+            self.seal(ready?, Some(now));
         }
         let sealed = self.sealed.pop_front()?;
         self.in_flight += 1;
@@ -297,10 +399,9 @@ impl Bundler {
                 if in_flight > 0 {
                     return Some(o.oldest + self.config.max_age);
                 }
-                // With nothing in flight the bundle is only held by the fill rule (otherwise
+                // With nothing in flight the bundle is only held by the load rule (otherwise
                 // `next_put` has taken it already).
-                self.fill_wait(dest, now)
-                    .map(|(wait, busy_until)| (o.oldest + wait).min(busy_until))
+                self.release_at(dest, o.oldest, now)
             })
             .min()
     }
@@ -309,7 +410,7 @@ impl Bundler {
     pub fn seal_all(&mut self) {
         let dests: Vec<NodeId> = self.open.keys().copied().collect();
         for d in dests {
-            self.seal(d);
+            self.seal(d, None);
         }
     }
 
@@ -368,45 +469,139 @@ mod tests {
         assert_eq!((second.seq, second.packets), (1, 5));
     }
 
-    #[test]
-    fn under_load_a_small_bundle_waits_one_put_latency_to_fill_and_a_quiet_destination_does_not() {
-        let mut b = bundler(BundlerConfig::default());
-        let t = Instant::now();
-        let ms = Duration::from_millis;
-        b.push(D1, &pkt(10), t).unwrap();
-        let first = b.next_put(t).unwrap();
-        b.put_done(D1, first.body.len());
-        b.put_succeeded(D1, ms(20), t + ms(20));
-        // Under load: the PUT ended just now. A small bundle waits up to one PUT latency.
-        b.push(D1, &pkt(10), t + ms(21)).unwrap();
-        assert!(b.next_put(t + ms(22)).is_none());
-        assert_eq!(b.next_deadline(t + ms(22)), Some(t + ms(40)));
-        // Filling to `min_fill_bytes` sends it at once.
-        for _ in 0..30 {
-            b.push(D1, &pkt(10_000), t + ms(23)).unwrap();
+    /// Puts `bytes` to `D1` in one bundle at `t` and ends its PUT after `took`: `D1` is under
+    /// load from then on (for `LOAD_WINDOW` or so).
+    fn load_d1(b: &mut Bundler, t: Instant, bytes: usize, took: Duration) {
+        for _ in 0..bytes / 50_000 {
+            b.push(D1, &pkt(50_000), t).unwrap();
         }
-        let second = b.next_put(t + ms(23)).unwrap();
-        assert!(second.body.len() >= BundlerConfig::default().min_fill_bytes);
-        b.put_done(D1, second.body.len());
-        b.put_succeeded(D1, ms(20), t + ms(43));
-        // Long after the last PUT, the destination is quiet: a lone packet leaves at once.
-        b.push(D1, &pkt(10), t + ms(200)).unwrap();
-        assert!(b.next_put(t + ms(200)).is_some());
+        // Under load the first bundle gathers for a moment too.
+        let gather = b.config.gather;
+        let s = match b.next_put(t) {
+            Some(s) => s,
+            None => b.next_put(t + gather).unwrap(),
+        };
+        b.put_done(D1, s.body.len());
+        b.put_succeeded(D1, took, t + took);
+    }
+
+    /// The reply rule alone, without the pace.
+    fn unpaced() -> BundlerConfig {
+        BundlerConfig {
+            pace: Duration::ZERO,
+            ..BundlerConfig::default()
+        }
     }
 
     #[test]
-    fn an_unfilled_bundle_under_load_leaves_after_one_put_latency() {
+    fn under_load_a_bundle_waits_for_the_destinations_reply_and_then_gathers_for_a_moment() {
+        let mut b = bundler(unpaced());
+        let t = Instant::now();
+        let ms = Duration::from_millis;
+        load_d1(&mut b, t, 1_000_000, ms(20));
+        assert!(b.under_load(&D1, t + ms(20)));
+        b.push(D1, &pkt(10), t + ms(21)).unwrap();
+        assert!(b.next_put(t + ms(30)).is_none(), "no reply yet");
+        // Without a reply it would leave reply_wait (4) PUT latencies after the last PUT ended.
+        assert_eq!(b.next_deadline(t + ms(30)), Some(t + ms(20 + 80)));
+        // The destination's bundle arrives: what the stack sends in answer joins for `gather`.
+        b.heard(D1, 5_000, t + ms(50));
+        assert_eq!(b.next_deadline(t + ms(50)), Some(t + ms(51)));
+        b.push(D1, &pkt(10), t + ms(50)).unwrap();
+        assert!(b.next_put(t + ms(50)).is_none());
+        let s = b.next_put(t + ms(51)).unwrap();
+        assert_eq!(s.packets, 2);
+        // A reply heard before our last PUT does not release the next bundle.
+        b.push(D1, &pkt(10), t + ms(52)).unwrap();
+        b.put_done(D1, s.body.len());
+        b.put_succeeded(D1, ms(20), t + ms(71));
+        assert!(b.next_put(t + ms(80)).is_none());
+    }
+
+    #[test]
+    fn under_load_without_a_reply_a_bundle_leaves_reply_wait_put_latencies_after_the_last_put() {
+        let mut b = bundler(unpaced());
+        let t = Instant::now();
+        let ms = Duration::from_millis;
+        load_d1(&mut b, t, 1_000_000, ms(10));
+        b.push(D1, &pkt(10), t + ms(12)).unwrap();
+        assert!(b.next_put(t + ms(49)).is_none());
+        assert_eq!(b.next_put(t + ms(50)).map(|s| s.packets), Some(1));
+    }
+
+    #[test]
+    fn under_load_bundles_to_a_destination_are_a_pace_apart_unless_full() {
+        let cfg = BundlerConfig {
+            max_bytes: 2_000_000,
+            pace: Duration::from_millis(100),
+            ..BundlerConfig::default()
+        };
+        let mut b = bundler(cfg);
+        let t = Instant::now();
+        let ms = Duration::from_millis;
+        // Sealed at t + 1 ms (the first bundle under load gathers).
+        load_d1(&mut b, t, 1_000_000, ms(10));
+        b.push(D1, &pkt(10), t + ms(20)).unwrap();
+        // The reply comes early: the bundle still waits for the pace.
+        b.heard(D1, 5_000, t + ms(30));
+        assert!(b.next_put(t + ms(100)).is_none());
+        assert_eq!(b.next_deadline(t + ms(100)), Some(t + ms(101)));
+        // What fills a bundle meanwhile leaves at once.
+        for _ in 0..40 {
+            b.push(D1, &pkt(50_000), t + ms(50)).unwrap();
+        }
+        let full = b.next_put(t + ms(50)).expect("a full bundle is not paced");
+        assert!(full.body.len() > 1_900_000);
+        b.put_done(D1, full.body.len());
+        b.put_succeeded(D1, ms(10), t + ms(60));
+        // The rest waits a pace after that seal, and for a reply.
+        b.heard(D1, 5_000, t + ms(70));
+        assert!(b.next_put(t + ms(149)).is_none());
+        assert!(b.next_put(t + ms(150)).is_some());
+    }
+
+    #[test]
+    fn interactive_traffic_is_not_load_and_leaves_at_once_even_right_after_a_put() {
         let mut b = bundler(BundlerConfig::default());
         let t = Instant::now();
         let ms = Duration::from_millis;
-        b.push(D1, &pkt(10), t).unwrap();
-        let first = b.next_put(t).unwrap();
-        b.put_done(D1, first.body.len());
-        b.put_succeeded(D1, ms(20), t + ms(20));
-        b.push(D1, &pkt(10), t + ms(25)).unwrap();
-        assert!(b.next_put(t + ms(39)).is_none());
-        // The load ended (one PUT latency after the last PUT) before the packet aged.
-        assert_eq!(b.next_put(t + ms(40)).map(|s| s.packets), Some(1));
+        // A ping every 50 ms, each PUT taking 40: the next leaves while the last just ended.
+        for i in 0..20 {
+            let at = t + ms(50 * i);
+            b.heard(D1, 200, at);
+            b.push(D1, &pkt(64), at).unwrap();
+            let s = b.next_put(at).expect("a ping leaves at once");
+            b.put_done(D1, s.body.len());
+            b.put_succeeded(D1, ms(40), at + ms(40));
+        }
+        assert!(!b.under_load(&D1, t + ms(1000)));
+    }
+
+    #[test]
+    fn load_fades_within_a_few_load_windows_of_quiet() {
+        let mut b = bundler(BundlerConfig::default());
+        let t = Instant::now();
+        let ms = Duration::from_millis;
+        load_d1(&mut b, t, 2_000_000, ms(10));
+        assert!(b.under_load(&D1, t + ms(10)));
+        assert!(!b.under_load(&D2, t + ms(10)), "load is per destination");
+        let quiet = t + LOAD_WINDOW * 4;
+        assert!(!b.under_load(&D1, quiet));
+        b.push(D1, &pkt(10), quiet).unwrap();
+        assert!(b.next_put(quiet).is_some());
+    }
+
+    #[test]
+    fn a_zero_load_rate_turns_the_rule_off() {
+        let mut b = bundler(BundlerConfig {
+            load_rate: 0,
+            ..BundlerConfig::default()
+        });
+        let t = Instant::now();
+        let ms = Duration::from_millis;
+        load_d1(&mut b, t, 2_000_000, ms(10));
+        b.push(D1, &pkt(10), t + ms(11)).unwrap();
+        assert!(b.next_put(t + ms(11)).is_some());
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
 use etherparse::Ipv6HeaderSlice;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 use crate::edge::clock;
@@ -60,7 +60,20 @@ pub struct Egress<S, T> {
     pub bundler: Bundler,
     /// Wakes an idle ingress: replies to what we send are likely.
     pub sent: Arc<tokio::sync::Notify>,
+    /// Bundles the ingress delivered, per sender: the replies the bundler clocks itself on.
+    pub heard: mpsc::Receiver<Heard>,
 }
+
+/// A bundle from `from` of `bytes` was written to the TUN (ingress -> egress).
+#[derive(Debug, Clone, Copy)]
+pub struct Heard {
+    pub from: NodeId,
+    pub bytes: usize,
+}
+
+/// Capacity of the ingress -> egress channel of `Heard`; when full a note is dropped (it is a
+/// hint: a missed reply only makes the bundler wait `reply_wait`).
+pub const HEARD_CHANNEL: usize = 1024;
 
 /// A finished PUT, as reported to the outbox.
 struct PutDone {
@@ -77,6 +90,7 @@ impl<S: Store, T: PacketIo> Egress<S, T> {
             metrics,
             bundler,
             sent,
+            mut heard,
         } = self;
         let mut driver = Driver {
             outbox: Outbox::new(bundler, me.id),
@@ -101,6 +115,7 @@ impl<S: Store, T: PacketIo> Egress<S, T> {
                     }
                 }
                 Some(_) = driver.bells.join_next(), if !driver.bells.is_empty() => {}
+                Some(h) = heard.recv() => driver.outbox.heard(h.from, h.bytes, clock::now()),
                 r = tun.recv(&mut buf) => match r {
                     Ok(n) => {
                         driver.take_packet(buf.get(..n).unwrap_or_default());

@@ -19,7 +19,7 @@ use crate::metrics::{DropReason, Metrics};
 use crate::node_addr::{NodeAddr, NodeId};
 use crate::store::{Listing, S3Error, Store};
 use crate::tunnel::cursor::{Cursor, CursorFile};
-use crate::tunnel::egress::sleep_until;
+use crate::tunnel::egress::{Heard, sleep_until};
 use crate::tunnel::heartbeat::HeartbeatConfig;
 use crate::tunnel::inbox::{Action, BELL_MAX_BYTES, Get, HeadPurpose, Inbox, Received};
 pub use crate::tunnel::inbox::{DEFAULT_BUDGET_BYTES, LIST_EVERY, MIN_BUDGET_BYTES};
@@ -40,6 +40,8 @@ pub struct Ingress<S, T> {
     pub heartbeat: HeartbeatConfig,
     /// Signalled by egress after each bundle PUT.
     pub sent: Arc<tokio::sync::Notify>,
+    /// Tells egress of each bundle written to the TUN, which may carry replies to ours.
+    pub heard: mpsc::Sender<Heard>,
     pub cursor: Cursor,
     pub cursor_file: CursorFile,
     pub budget_bytes: usize,
@@ -86,6 +88,7 @@ impl<S: Store, T: PacketIo> Ingress<S, T> {
             self.metrics.clone(),
             tun_rx,
             written_tx,
+            self.heard.clone(),
         ));
         let mut d = Driver {
             requests: JoinSet::new(),
@@ -264,6 +267,7 @@ async fn write_tun<T: PacketIo>(
     metrics: Arc<Metrics>,
     mut rx: mpsc::UnboundedReceiver<Vec<Received>>,
     written: mpsc::UnboundedSender<usize>,
+    heard: mpsc::Sender<Heard>,
 ) {
     let my_ip = me.ip();
     while let Some(batch) = rx.recv().await {
@@ -297,6 +301,11 @@ async fn write_tun<T: PacketIo>(
                     Err(_) => metrics.dropped(DropReason::TunWriteFailed, 1),
                 }
             }
+            // After the whole bundle: what the local stack sends in reply is in the TUN now.
+            let _ = heard.try_send(Heard {
+                from: sender,
+                bytes: r.body.len(),
+            });
         }
     }
 }

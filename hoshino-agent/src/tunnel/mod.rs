@@ -303,6 +303,7 @@ impl Tunnel {
             activity: activity.clone(),
         });
         let sent = Arc::new(tokio::sync::Notify::new());
+        let (heard_tx, heard_rx) = tokio::sync::mpsc::channel(crate::tunnel::egress::HEARD_CHANNEL);
         let egress = Egress {
             tun: tun_io.clone(),
             store: store.clone(),
@@ -310,6 +311,7 @@ impl Tunnel {
             metrics: metrics.clone(),
             bundler: Bundler::new(config.bundler, addr.id, session, key.clone()),
             sent: sent.clone(),
+            heard: heard_rx,
         };
         let name = config
             .name
@@ -353,6 +355,7 @@ impl Tunnel {
             key,
             heartbeat: config.heartbeat,
             sent,
+            heard: heard_tx,
             cursor,
             cursor_file,
             budget_bytes: config.ingress_budget_bytes,

@@ -70,6 +70,11 @@ impl Outbox {
         }
     }
 
+    /// A bundle of `bytes` from `peer` was delivered to the local stack (see `Bundler::heard`).
+    pub fn heard(&mut self, peer: NodeId, bytes: usize, now: Instant) {
+        self.bundler.heard(peer, bytes, now);
+    }
+
     /// A packet for `dest` (already classified).
     pub fn packet(
         &mut self,

@@ -8,7 +8,10 @@
 //!   misses before its next bundle is due is probed again at three quarters of its interval
 //!   after its last find, and every `MIN_GAP` from then until a quarter interval past the
 //!   expected time;
-//! - a find or a doorbell naming the stream makes it eager again;
+//! - a find or a doorbell naming the stream makes it eager again, except that a stream we are
+//!   caught up with (its last probe missed) whose cadence is slower than `PROBE_AHEAD_WITHIN` is
+//!   next probed at three quarters of its interval after a find: its sender has nothing more yet,
+//!   and an immediate probe would only miss;
 //! - a PUT of ours (a reply is likely) makes every stream without a cadence (bundles found less
 //!   than `CADENCE_WITHIN` apart) eager for its next `EAGER_MISSES` misses: each miss is probed
 //!   again at once, so a reply is found within about one GET of landing (what a round trip's
@@ -31,6 +34,9 @@ pub const MAX_GAP: Duration = Duration::from_millis(40);
 /// Misses re-probed at once after a PUT of ours (two probes are in flight then, staggered by
 /// half a GET, so this covers about 8 GETs of waiting for a reply).
 pub const EAGER_MISSES: u32 = 16;
+/// A caught-up stream whose finds come at least this far apart is not probed again at once
+/// after a find (its sender has nothing more yet); one with a faster cadence is.
+pub const PROBE_AHEAD_WITHIN: Duration = Duration::from_millis(20);
 /// Finds closer together than this form a stream's cadence.
 pub const CADENCE_WITHIN: Duration = Duration::from_millis(250);
 
@@ -44,6 +50,8 @@ struct StreamProbe {
     interval: Option<Duration>,
     /// Misses left that are probed again at once (after a PUT of ours).
     eager: u32,
+    /// A probe missed since the last find: we are not behind the sender.
+    caught_up: bool,
 }
 
 #[derive(Debug, Default)]
@@ -77,6 +85,7 @@ impl ProbeSchedule {
             eager: if expecting { EAGER_MISSES } else { 0 },
             ..StreamProbe::default()
         });
+        p.caught_up = true;
         if p.eager > 0 {
             p.eager -= 1;
             p.not_before = None;
@@ -118,8 +127,16 @@ impl ProbeSchedule {
         }
         p.last_find = Some(now);
         p.gap = Duration::ZERO;
-        p.not_before = None;
         p.eager = 0;
+        // Caught up with a stream of slow cadence (its last probe missed: we are not behind),
+        // its next bundle is an interval away and probing at once would only miss: probe at three
+        // quarters of the interval, as after an early miss. Behind (found without a miss, a
+        // backlog), probe at once.
+        p.not_before = p
+            .interval
+            .filter(|i| p.caught_up && *i >= PROBE_AHEAD_WITHIN)
+            .map(|i| now + i - i / 4);
+        p.caught_up = false;
     }
 
     /// Something (a doorbell) names `stream`: probe it at once.
@@ -202,6 +219,30 @@ mod tests {
         p.missed(OTHER, t + ms(5));
         p.hurry(t + ms(5));
         assert!(p.may_probe(S, t + ms(5)) && p.may_probe(OTHER, t + ms(5)));
+    }
+
+    #[test]
+    fn a_caught_up_stream_of_slow_cadence_is_next_probed_at_three_quarters_of_its_interval() {
+        let t = Instant::now();
+        let mut p = ProbeSchedule::default();
+        // Finds 100 ms apart, each after a miss: we are caught up with the sender.
+        for i in 0..4 {
+            p.missed(S, t + ms(100 * i + 90));
+            p.hit(S, t + ms(100 * i + 100));
+        }
+        let last = t + ms(400);
+        assert!(!p.may_probe(S, last), "the next bundle is an interval away");
+        assert!(!p.may_probe(S, last + ms(74)));
+        assert!(p.may_probe(S, last + ms(75)));
+        // Found again without a miss: we were behind (a backlog), so probe at once.
+        p.hit(S, last + ms(80));
+        assert!(p.may_probe(S, last + ms(80)));
+        // A fast cadence (bundles back to back) is probed at once even when caught up.
+        for i in 0..8 {
+            p.missed(OTHER, t + ms(10 * i + 5));
+            p.hit(OTHER, t + ms(10 * i + 10));
+        }
+        assert!(p.may_probe(OTHER, t + ms(80)));
     }
 
     #[test]

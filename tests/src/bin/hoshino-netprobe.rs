@@ -47,15 +47,23 @@ enum Probe {
         #[arg(long, default_value_t = 1)]
         linger: u64,
     },
+    /// Sends `bytes` over `flows` TCP connections at once (split evenly); prints `bytes N
+    /// seconds S` once the receiver closed them all.
     TcpSend {
         #[arg(long)]
         to: SocketAddr,
         #[arg(long)]
         bytes: u64,
+        #[arg(long, default_value_t = 1)]
+        flows: u32,
     },
+    /// Accepts `flows` connections and reads them to the end; prints `bytes N seconds S` (from
+    /// the first accept to the last end).
     TcpRecv {
         #[arg(long)]
         listen: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        flows: u32,
     },
     /// `count` sequential HTTP GETs, each on a fresh connection; prints `median_us N` and
     /// `p90_us N` of the time from connect to the end of the response.
@@ -88,8 +96,8 @@ fn main() -> ExitCode {
             Duration::from_secs(timeout),
             Duration::from_secs(linger),
         ),
-        Probe::TcpSend { to, bytes } => tcp_send(to, bytes),
-        Probe::TcpRecv { listen } => tcp_recv(listen),
+        Probe::TcpSend { to, bytes, flows } => tcp_send(to, bytes, flows),
+        Probe::TcpRecv { listen, flows } => tcp_recv(listen, flows),
         Probe::HttpGet { to, path, count } => http_get(to, &path, count),
     };
     match result {
@@ -181,7 +189,24 @@ fn udp_recv(
     out.flush()
 }
 
-fn tcp_send(to: SocketAddr, bytes: u64) -> std::io::Result<()> {
+fn tcp_send(to: SocketAddr, bytes: u64, flows: u32) -> std::io::Result<()> {
+    let flows = u64::from(flows.max(1));
+    let start = Instant::now();
+    let senders: Vec<_> = (0..flows)
+        .map(|i| {
+            let share = bytes / flows + u64::from(i < bytes % flows);
+            std::thread::spawn(move || send_one(to, share))
+        })
+        .collect();
+    for s in senders {
+        s.join()
+            .map_err(|_| std::io::Error::other("a sender thread panicked"))??;
+    }
+    println!("bytes {bytes} seconds {:.6}", start.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn send_one(to: SocketAddr, bytes: u64) -> std::io::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut stream = loop {
         match TcpStream::connect_timeout(&to, Duration::from_secs(10)) {
@@ -194,7 +219,6 @@ fn tcp_send(to: SocketAddr, bytes: u64) -> std::io::Result<()> {
         }
     };
     let chunk = vec![0xa5_u8; 256 * 1024];
-    let start = Instant::now();
     let mut left = bytes;
     while left > 0 {
         let n = usize::try_from(left.min(chunk.len() as u64)).unwrap_or(chunk.len());
@@ -205,16 +229,32 @@ fn tcp_send(to: SocketAddr, bytes: u64) -> std::io::Result<()> {
     // Wait for the receiver to close, so the time covers delivery, not just buffering.
     let mut sink = [0u8; 16];
     let _ = stream.read(&mut sink);
-    println!("bytes {bytes} seconds {:.6}", start.elapsed().as_secs_f64());
     Ok(())
 }
 
-fn tcp_recv(listen: SocketAddr) -> std::io::Result<()> {
+fn tcp_recv(listen: SocketAddr, flows: u32) -> std::io::Result<()> {
     let listener = TcpListener::bind(listen)?;
     println!("listening");
     let _ = std::io::stdout().flush();
-    let (mut stream, _) = listener.accept()?;
-    let start = Instant::now();
+    let mut readers = Vec::new();
+    let mut start = None;
+    for _ in 0..flows.max(1) {
+        let (stream, _) = listener.accept()?;
+        start.get_or_insert_with(Instant::now);
+        readers.push(std::thread::spawn(move || read_all(stream)));
+    }
+    let mut total = 0u64;
+    for r in readers {
+        total += r
+            .join()
+            .map_err(|_| std::io::Error::other("a reader thread panicked"))??;
+    }
+    let seconds = start.map_or(0.0, |s| s.elapsed().as_secs_f64());
+    println!("bytes {total} seconds {seconds:.6}");
+    Ok(())
+}
+
+fn read_all(mut stream: TcpStream) -> std::io::Result<u64> {
     let mut buf = vec![0u8; 1024 * 1024];
     let mut total = 0u64;
     loop {
@@ -224,10 +264,7 @@ fn tcp_recv(listen: SocketAddr) -> std::io::Result<()> {
         }
         total += n as u64;
     }
-    let seconds = start.elapsed().as_secs_f64();
-    drop(stream);
-    println!("bytes {total} seconds {seconds:.6}");
-    Ok(())
+    Ok(total)
 }
 
 fn http_get(to: SocketAddr, path: &str, count: usize) -> std::io::Result<()> {
