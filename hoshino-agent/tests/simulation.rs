@@ -324,32 +324,28 @@ async fn bulk_requests_per_gib(latency: Latency, name: &str) -> f64 {
 }
 
 /// Issue 7's target is at most 1,000 requests per GiB with ACK-like reverse traffic. The
-/// simulation measures about 1,430 (express and standard) with the self-clocking bundler, its
-/// fill rule and the inbox's probe rules: roughly 350 PUTs of data bundles (3 MiB on average),
-/// 200 PUTs of ACK bundles, a GET per bundle and 300 probe misses. Until the target is
-/// met this guards against regressions at a ceiling above what is measured, and the figure is
-/// printed; the target is NOT met (see README, "Measured").
+/// simulation (16 MiB window, an ACK per 1 MiB) measures about 890 (express) and 880 (standard)
+/// with the reply-clocked bundler, 8 MiB bundles and the inbox's probe rules: ~260 PUTs (data
+/// bundles of ~8 MiB and the ACK bundles they draw), a GET per bundle and ~330 probe misses. The
+/// testbed's real TCP (BBR, 4 MiB send buffers) moves far less per round trip and costs more; see
+/// README, "Measured".
 const REQUESTS_PER_GIB_TARGET: f64 = 1000.0;
-const REQUESTS_PER_GIB_CEILING: f64 = 1800.0;
 
 fn check_requests_per_gib(name: &str, per_gib: f64) {
-    if per_gib > REQUESTS_PER_GIB_TARGET {
-        println!("{name}: {per_gib:.0} requests/GiB is above the {REQUESTS_PER_GIB_TARGET} target");
-    }
     assert!(
-        per_gib <= REQUESTS_PER_GIB_CEILING,
-        "{name}: {per_gib:.0} requests per GiB, above the measured ceiling {REQUESTS_PER_GIB_CEILING}"
+        per_gib <= REQUESTS_PER_GIB_TARGET,
+        "{name}: {per_gib:.0} requests per GiB, above the {REQUESTS_PER_GIB_TARGET} target"
     );
 }
 
 #[tokio::test(start_paused = true)]
-async fn bulk_transfer_with_acks_requests_per_gib_stay_under_the_ceiling_on_standard() {
+async fn bulk_transfer_with_acks_costs_at_most_1000_requests_per_gib_on_standard() {
     let per_gib = bulk_requests_per_gib(Latency::standard(), "standard").await;
     check_requests_per_gib("standard", per_gib);
 }
 
 #[tokio::test(start_paused = true)]
-async fn bulk_transfer_with_acks_requests_per_gib_stay_under_the_ceiling_on_express() {
+async fn bulk_transfer_with_acks_costs_at_most_1000_requests_per_gib_on_express() {
     let per_gib = bulk_requests_per_gib(Latency::express(), "express").await;
     check_requests_per_gib("express", per_gib);
 }

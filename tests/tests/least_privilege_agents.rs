@@ -117,9 +117,10 @@ fn agents_holding_only_their_own_node_credentials_ping_each_other() {
     }
     for (from, to) in [(1, 2), (2, 1)] {
         let report = ping_between(&net, from, to, PING_COUNT, PING_DEADLINE);
-        assert_eq!(
-            report.received,
-            PING_COUNT,
+        // At least: with -c and -w, replies to requests that waited for a wake arrive together
+        // and ping counts them all.
+        assert!(
+            report.received >= PING_COUNT,
             "n{from} -> n{to} with per-node credentials: {}\n{}",
             report.raw,
             logs(&net)
