@@ -7,13 +7,13 @@
 //! keys), waits for the TUN, registers, and exits; no revert is needed: the registration goes
 //! with the TUN link when the agent exits.
 
-use std::ffi::CString;
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::Args;
 use hoshino_agent::dns::resolved::{RESOLVED_RUNTIME_DIR, Registration};
+use hoshino_agent::edge::netlink::Netlink;
 use hoshino_agent::node_addr::NodeId;
 
 use super::hosts::DomainArgs;
@@ -88,13 +88,19 @@ pub async fn run(args: &ResolvedArgs) -> ExitCode {
 
 /// The ifindex of `name` once the link exists, polled every 100 ms up to `wait`.
 async fn wait_for_link(name: &str, wait: Duration) -> Option<u32> {
-    let c_name = CString::new(name).ok()?;
+    let netlink = match Netlink::connect() {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::error!("{e}");
+            return None;
+        }
+    };
     let deadline = Instant::now() + wait;
     loop {
-        // SAFETY: if_nametoindex reads a NUL-terminated string that lives across the call.
-        let index = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
-        if index != 0 {
-            return Some(index);
+        match netlink.link_index(name).await {
+            Ok(Some(index)) => return Some(index),
+            Ok(None) => {}
+            Err(e) => tracing::warn!("{e}"),
         }
         if Instant::now() >= deadline {
             return None;
