@@ -158,13 +158,16 @@ pub struct TunnelArgs {
     pub bundle_max_age: humantime::Duration,
     /// Bytes per second to and from a destination (together) above which it is under load.
     /// Under load a bundle that is not full waits for the destination's next bundle to be
-    /// delivered here (plus `--bundle-gather`), so one bundle per round trip carries a TCP window
-    /// each way; below it a packet to a quiet destination leaves at once. 0: never under load.
+    /// delivered here and then for a pause in its own input (`--bundle-gather`), so one bundle
+    /// per round trip carries a TCP window each way; below it a packet to a quiet destination
+    /// leaves at once. 0: never under load.
     #[arg(long, env = "HOSHINO_BUNDLE_LOAD_RATE", help_heading = "Bundling", value_name = "BYTES",
           default_value_t = BundlerConfig::default().load_rate)]
     pub bundle_load_rate: u64,
-    /// Under load, how long a bundle stays open after a reply from its destination arrived
-    /// (what the local stack sends in answer joins it).
+    /// Under load, after a reply from its destination arrived, a bundle leaves once no packet
+    /// came for this long, or for 4 of its usual packet spacings if longer (at most 10 ms; BBR
+    /// paces segments apart), and at the latest `--bundle-reply-wait` PUT latencies after the
+    /// reply.
     #[arg(long, env = "HOSHINO_BUNDLE_GATHER", help_heading = "Bundling", value_name = "DURATION",
           default_value_t = duration(BundlerConfig::default().gather))]
     pub bundle_gather: humantime::Duration,

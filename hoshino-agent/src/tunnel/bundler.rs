@@ -12,9 +12,15 @@
 //! carries a whole TCP window each way. A destination is under load while the bytes we send it
 //! plus the bytes it sends us exceed `load_rate` (an exponentially weighted rate over
 //! `LOAD_WINDOW`); then a bundle that is not full leaves only
-//! - `gather` after the first bundle heard from that destination since our last PUT to it (what
-//!   the peer's bundle releases, the ACKs it draws or the data its ACKs let out, is written by
-//!   the local stack within that time), or
+//! - once its input has paused after the first bundle heard from that destination since our
+//!   last PUT to it (what the peer's bundle releases, the ACKs it draws or the data its ACKs let
+//!   out, is written by the local stack by then), but no later than `reply_wait` PUT latencies
+//!   after that reply (many flows, or a paced one, never pause: their bundles grow meanwhile).
+//!   A pause is `PAUSE_SPACINGS` of the bundle's usual packet spacing without a packet (at least
+//!   `gather`, at most `PAUSE_MAX`): BBR paces segments milliseconds apart, and taking each gap
+//!   for the end of a burst split eight flows' data into 2 MB bundles instead of 5 MB.
+//!   A bundle heard that its sender sealed full (the header's `more` flag) is not the reply:
+//!   another follows at once, and one answer to the whole burst is enough. Or
 //! - when nothing was heard, `reply_wait` PUT latencies after our last PUT to it ended (a one-way
 //!   stream, or a reply that got lost),
 //!
@@ -105,6 +111,9 @@ pub struct Sealed {
 struct Open {
     writer: BundleWriter,
     oldest: Instant,
+    newest: Instant,
+    /// EWMA of the time between its packets: a paced sender's gaps are not a pause.
+    spacing: Duration,
 }
 
 #[derive(Debug)]
@@ -124,6 +133,10 @@ pub struct Bundler {
 
 /// Time constant of the load meter.
 pub const LOAD_WINDOW: Duration = Duration::from_millis(250);
+/// Under load, a bundle's input has paused when no packet came for this many of its usual
+/// spacings (at least `gather`, at most `PAUSE_MAX`): BBR paces a flow's segments a few ms apart.
+const PAUSE_SPACINGS: u32 = 4;
+const PAUSE_MAX: Duration = Duration::from_millis(10);
 /// Bounds of the wait for a reply under load.
 const REPLY_WAIT_MIN: Duration = Duration::from_millis(2);
 const REPLY_WAIT_MAX: Duration = Duration::from_millis(250);
@@ -204,11 +217,13 @@ impl Bundler {
     }
 
     /// A bundle of `bytes` from `peer` was delivered to the local stack at `now`: a reply to
-    /// what we sent it, and load between us.
-    pub fn heard(&mut self, peer: NodeId, bytes: usize, now: Instant) {
+    /// what we sent it, and load between us. A bundle its sender sealed full (`more`) is
+    /// followed by another at once, so the reply is taken from the last of them: one answer to
+    /// a burst of full bundles, not one each.
+    pub fn heard(&mut self, peer: NodeId, bytes: usize, more: bool, now: Instant) {
         let p = self.pace.entry(peer).or_insert_with(|| Pace::new(now));
         p.add_load(bytes, now);
-        if p.heard.is_none() {
+        if p.heard.is_none() && !more {
             p.heard = Some(now);
         }
     }
@@ -222,22 +237,31 @@ impl Bundler {
                 .is_some_and(|p| p.rate(now) >= self.config.load_rate as f64)
     }
 
-    /// Under load, when an open bundle to `dest` whose oldest packet is `oldest` may leave
-    /// (with no PUT to `dest` in flight); `None`: not under load, at once.
-    fn release_at(&self, dest: &NodeId, oldest: Instant, now: Instant) -> Option<Instant> {
+    /// Under load, when an open bundle to `dest` may leave (with no PUT to `dest` in flight);
+    /// `None`: not under load, at once.
+    fn release_at(&self, dest: &NodeId, open: &Open, now: Instant) -> Option<Instant> {
         if !self.under_load(dest, now) {
             return None;
         }
         let p = self.pace.get(dest)?;
-        let gathered = |t: Instant| t.max(oldest) + self.config.gather;
-        let reply = match (p.heard, p.last_done, p.latency) {
-            (Some(heard), _, _) => gathered(heard),
-            (None, Some(done), Some(latency)) => {
-                let wait = (latency * self.config.reply_wait).clamp(REPLY_WAIT_MIN, REPLY_WAIT_MAX);
-                (done + wait).max(oldest + self.config.gather)
-            }
+        let gather = self.config.gather;
+        let wait = p
+            .latency
+            .map(|l| (l * self.config.reply_wait).clamp(REPLY_WAIT_MIN, REPLY_WAIT_MAX));
+        // Once its input has paused after `t`: a window-limited flow's burst has ended then,
+        // while a flow that is not (many flows, a paced sender) keeps filling the bundle, up to
+        // `wait` after `t`.
+        let quiet = |t: Instant| {
+            let from = t.max(open.oldest);
+            let pause = (open.spacing * PAUSE_SPACINGS).clamp(gather, PAUSE_MAX.max(gather));
+            let paused = from.max(open.newest) + pause;
+            paused.min(from + wait.unwrap_or(gather).max(gather))
+        };
+        let reply = match (p.heard, p.last_done, wait) {
+            (Some(heard), _, _) => quiet(heard),
+            (None, Some(done), Some(wait)) => (done + wait).max(open.oldest + gather),
             // Nothing sent to it yet (or no PUT ended): the first bundle needs no reply.
-            _ => gathered(oldest),
+            _ => quiet(open.oldest),
         };
         Some(match p.last_sealed {
             Some(sealed) => reply.max(sealed + self.config.pace),
@@ -261,7 +285,7 @@ impl Bundler {
             .get(&dest)
             .is_some_and(|o| o.writer.is_full() || o.writer.len() + cost > self.config.max_bytes);
         if needs_seal {
-            self.seal(dest, Some(now));
+            self.seal(dest, Some(now), true);
         }
         let fresh = !self.open.contains_key(&dest);
         let extra = cost
@@ -281,14 +305,23 @@ impl Bundler {
         let open = self.open.entry(dest).or_insert_with(|| Open {
             writer: BundleWriter::with_capacity(capacity),
             oldest: now,
+            newest: now,
+            spacing: Duration::ZERO,
         });
+        let gap = now.saturating_duration_since(open.newest);
+        if gap < PAUSE_MAX {
+            // Weight 1/8: a few packets' jitter does not make a pause (and a pause is none of
+            // the spacing).
+            open.spacing = (open.spacing * 7 + gap) / 8;
+        }
+        open.newest = open.newest.max(now);
         open.writer.push(packet);
         self.pace
             .entry(dest)
             .or_insert_with(|| Pace::new(now))
             .add_load(packet.len(), now);
         if open.writer.len() >= self.config.max_bytes || open.writer.is_full() {
-            self.seal(dest, Some(now));
+            self.seal(dest, Some(now), true);
         }
         Ok(())
     }
@@ -297,8 +330,9 @@ impl Bundler {
         if self.key.is_some() { MAC_LEN } else { 0 }
     }
 
-    /// Seals `dest`'s open bundle; from `now` on, a reply to it is awaited under load.
-    fn seal(&mut self, dest: NodeId, now: Option<Instant>) {
+    /// Seals `dest`'s open bundle; from `now` on, a reply to it is awaited under load. `full`:
+    /// sealed for its size, with more to come at once (the header says so).
+    fn seal(&mut self, dest: NodeId, now: Option<Instant>, full: bool) {
         let Some(open) = self.open.remove(&dest) else {
             return;
         };
@@ -313,6 +347,7 @@ impl Bundler {
             dest,
             session: self.session,
             seq: *seq,
+            more: full,
         };
         *seq += 1;
         let packets = open.writer.packet_count();
@@ -341,6 +376,7 @@ impl Bundler {
             dest,
             session: self.session,
             seq,
+            more: false,
         };
         BundleWriter::new().finish(&header, self.key.as_ref())
     }
@@ -361,12 +397,11 @@ impl Bundler {
                     if in_flight > 0 {
                         return age >= self.config.max_age && in_flight < self.config.puts_per_dest;
                     }
-                    self.release_at(dest, open.oldest, now)
-                        .is_none_or(|t| now >= t)
+                    self.release_at(dest, open, now).is_none_or(|t| now >= t)
                 })
                 .min_by_key(|(_, open)| open.oldest)
                 .map(|(dest, _)| *dest);
-            self.seal(ready?, Some(now));
+            self.seal(ready?, Some(now), false);
         }
         let sealed = self.sealed.pop_front()?;
         self.in_flight += 1;
@@ -401,7 +436,7 @@ impl Bundler {
                 }
                 // With nothing in flight the bundle is only held by the load rule (otherwise
                 // `next_put` has taken it already).
-                self.release_at(dest, o.oldest, now)
+                self.release_at(dest, o, now)
             })
             .min()
     }
@@ -410,7 +445,7 @@ impl Bundler {
     pub fn seal_all(&mut self) {
         let dests: Vec<NodeId> = self.open.keys().copied().collect();
         for d in dests {
-            self.seal(d, None);
+            self.seal(d, None, false);
         }
     }
 
@@ -505,7 +540,7 @@ mod tests {
         // Without a reply it would leave reply_wait (4) PUT latencies after the last PUT ended.
         assert_eq!(b.next_deadline(t + ms(30)), Some(t + ms(20 + 80)));
         // The destination's bundle arrives: what the stack sends in answer joins for `gather`.
-        b.heard(D1, 5_000, t + ms(50));
+        b.heard(D1, 5_000, false, t + ms(50));
         assert_eq!(b.next_deadline(t + ms(50)), Some(t + ms(51)));
         b.push(D1, &pkt(10), t + ms(50)).unwrap();
         assert!(b.next_put(t + ms(50)).is_none());
@@ -516,6 +551,67 @@ mod tests {
         b.put_done(D1, s.body.len());
         b.put_succeeded(D1, ms(20), t + ms(71));
         assert!(b.next_put(t + ms(80)).is_none());
+    }
+
+    #[test]
+    fn under_load_a_bundle_still_filling_after_the_reply_leaves_when_its_input_pauses() {
+        let mut b = bundler(unpaced());
+        let t = Instant::now();
+        let ms = Duration::from_millis;
+        let us = Duration::from_micros;
+        load_d1(&mut b, t, 1_000_000, ms(10));
+        b.heard(D1, 5_000, false, t + ms(20));
+        // Packets every half millisecond after the reply (many flows, or a paced one): the
+        // bundle keeps gathering while they come.
+        let mut at = t + ms(20);
+        for _ in 0..20 {
+            b.push(D1, &pkt(1_000), at).unwrap();
+            at += us(500);
+            assert!(b.next_put(at).is_none(), "still filling at {:?}", at - t);
+        }
+        // They pause: it leaves a few of their spacings (and at least `gather`) after the last.
+        let last = at - us(500);
+        assert!(b.next_put(last + ms(1) - us(1)).is_none());
+        assert_eq!(b.next_put(last + ms(2)).map(|s| s.packets), Some(20));
+        // A flow that never pauses is held at most `reply_wait` PUT latencies after the reply.
+        b.put_done(D1, 0);
+        b.heard(D1, 5_000, false, last + ms(2));
+        let mut at = last + ms(2);
+        let mut sealed = None;
+        while sealed.is_none() && at < last + ms(100) {
+            b.push(D1, &pkt(1_000), at).unwrap();
+            at += us(500);
+            sealed = b.next_put(at);
+        }
+        assert_eq!(at, last + ms(2 + 40), "4 x 10 ms after the reply");
+    }
+
+    #[test]
+    fn bundles_sealed_full_say_so_and_a_burst_of_them_draws_one_answer() {
+        let cfg = BundlerConfig {
+            max_bytes: 200_000,
+            ..unpaced()
+        };
+        let mut b = bundler(cfg);
+        let t = Instant::now();
+        let ms = Duration::from_millis;
+        for _ in 0..5 {
+            b.push(D2, &pkt(50_000), t).unwrap();
+        }
+        let full = b.next_put(t).unwrap();
+        assert!(decode(&full.body, None).unwrap().header.more, "sealed full");
+        let rest = b.next_put(t + ms(100)).unwrap();
+        assert!(!decode(&rest.body, None).unwrap().header.more);
+        // The answering side: under load, full bundles heard do not release our answer; the
+        // last of the burst (not full) does.
+        let mut b = bundler(unpaced());
+        load_d1(&mut b, t, 1_000_000, ms(10));
+        b.push(D1, &pkt(10), t + ms(11)).unwrap();
+        b.heard(D1, 200_000, true, t + ms(12));
+        b.heard(D1, 200_000, true, t + ms(14));
+        assert!(b.next_put(t + ms(20)).is_none());
+        b.heard(D1, 30_000, false, t + ms(21));
+        assert_eq!(b.next_put(t + ms(22)).map(|s| s.packets), Some(1));
     }
 
     #[test]
@@ -543,7 +639,7 @@ mod tests {
         load_d1(&mut b, t, 1_000_000, ms(10));
         b.push(D1, &pkt(10), t + ms(20)).unwrap();
         // The reply comes early: the bundle still waits for the pace.
-        b.heard(D1, 5_000, t + ms(30));
+        b.heard(D1, 5_000, false, t + ms(30));
         assert!(b.next_put(t + ms(100)).is_none());
         assert_eq!(b.next_deadline(t + ms(100)), Some(t + ms(101)));
         // What fills a bundle meanwhile leaves at once.
@@ -555,7 +651,7 @@ mod tests {
         b.put_done(D1, full.body.len());
         b.put_succeeded(D1, ms(10), t + ms(60));
         // The rest waits a pace after that seal, and for a reply.
-        b.heard(D1, 5_000, t + ms(70));
+        b.heard(D1, 5_000, false, t + ms(70));
         assert!(b.next_put(t + ms(149)).is_none());
         assert!(b.next_put(t + ms(150)).is_some());
     }
@@ -568,7 +664,7 @@ mod tests {
         // A ping every 50 ms, each PUT taking 40: the next leaves while the last just ended.
         for i in 0..20 {
             let at = t + ms(50 * i);
-            b.heard(D1, 200, at);
+            b.heard(D1, 200, false, at);
             b.push(D1, &pkt(64), at).unwrap();
             let s = b.next_put(at).expect("a ping leaves at once");
             b.put_done(D1, s.body.len());

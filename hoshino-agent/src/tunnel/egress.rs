@@ -69,6 +69,8 @@ pub struct Egress<S, T> {
 pub struct Heard {
     pub from: NodeId,
     pub bytes: usize,
+    /// Its sender sealed it full: another follows at once.
+    pub more: bool,
 }
 
 /// Capacity of the ingress -> egress channel of `Heard`; when full a note is dropped (it is a
@@ -115,7 +117,7 @@ impl<S: Store, T: PacketIo> Egress<S, T> {
                     }
                 }
                 Some(_) = driver.bells.join_next(), if !driver.bells.is_empty() => {}
-                Some(h) = heard.recv() => driver.outbox.heard(h.from, h.bytes, clock::now()),
+                Some(h) = heard.recv() => driver.outbox.heard(h.from, h.bytes, h.more, clock::now()),
                 r = tun.recv(&mut buf) => match r {
                     Ok(n) => {
                         driver.take_packet(buf.get(..n).unwrap_or_default());

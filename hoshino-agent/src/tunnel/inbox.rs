@@ -44,12 +44,12 @@ pub const LIST_EVERY: Duration = Duration::from_secs(5);
 const MAX_PAGES: usize = 20;
 /// A stream is probed while it found a bundle within this long.
 const PROBE_WHILE: Duration = crate::wire::mailbox::IDLE_AFTER;
-/// A stream that found a bundle within this long, of at least `LARGE_BUNDLE` bytes, keeps
+/// A stream that found a bundle within this long that its sender sealed full (`more`) keeps
 /// `HOT_DEPTH` probes in flight: its sender is limited by bundle size, so it has several PUTs in
-/// flight and the next keys are coming.
+/// flight and the next keys are coming. (A size threshold instead probed a window-limited
+/// flow's 1-2 MB bundles two deep, and the second probe nearly always missed.)
 const HOT_WITHIN: Duration = crate::tunnel::probe::CADENCE_WITHIN;
 const HOT_DEPTH: u64 = 2;
-const LARGE_BUNDLE: usize = 1024 * 1024;
 /// While active, the bell is read this often (a GET-class request): a changed bell names a new
 /// stream, found faster than by a LIST.
 const BELL_EVERY_ACTIVE: Duration = Duration::from_millis(500);
@@ -79,6 +79,8 @@ pub struct Received {
     pub body: Bytes,
     /// Where each packet lies in `body`.
     pub packets: Vec<Range<usize>>,
+    /// Its sender sealed it full, with more at once (`BundleHeader::more`).
+    pub more: bool,
 }
 
 /// Why a bell HEAD was asked for: its answer means different things.
@@ -177,6 +179,8 @@ pub struct Inbox {
     resume_token: Option<String>,
     round_resumed: bool,
     last_size: HashMap<StreamId, usize>,
+    /// Streams whose latest bundle was sealed full.
+    full_senders: HashSet<StreamId>,
     last_list: Option<Instant>,
     list_wanted: bool,
     last_hit: HashMap<StreamId, Instant>,
@@ -229,6 +233,7 @@ impl Inbox {
             resume_token: None,
             round_resumed: false,
             last_size: HashMap::new(),
+            full_senders: HashSet::new(),
             last_list: None,
             list_wanted: true,
             last_hit: HashMap::new(),
@@ -573,11 +578,8 @@ impl Inbox {
                     return None;
                 }
                 let hot = hit.is_some_and(|h| now.saturating_duration_since(*h) < HOT_WITHIN);
-                let large = self
-                    .last_size
-                    .get(&stream)
-                    .is_some_and(|n| *n >= LARGE_BUNDLE);
-                let depth = if hot && large { HOT_DEPTH } else { 1 };
+                let full = self.full_senders.contains(&stream);
+                let depth = if hot && full { HOT_DEPTH } else { 1 };
                 Some((stream, next, depth))
             })
             .collect()
@@ -622,6 +624,7 @@ impl Inbox {
             .retain(|_, t| now.saturating_duration_since(*t) < PROBE_WHILE);
         let last_hit = &self.last_hit;
         self.last_size.retain(|id, _| last_hit.contains_key(id));
+        self.full_senders.retain(|id| last_hit.contains_key(id));
         self.probes.retain(|id| last_hit.contains_key(id));
         for (stream, next, depth) in self.probe_targets(now) {
             if !self.probes.may_probe(stream, now) {
@@ -811,6 +814,12 @@ impl Inbox {
         self.seen.insert(key.clone(), now);
         self.reorder.resume(stream, self.cursor.next(stream), now);
         // With a network key the packets live in the decrypted plaintext, not in the object.
+        let more = b.header.more;
+        if more {
+            self.full_senders.insert(stream);
+        } else {
+            self.full_senders.remove(&stream);
+        }
         let (body, packets) = b.into_parts(body);
         let len = body.len();
         let item = Received {
@@ -819,6 +828,7 @@ impl Inbox {
             seq: parsed.seq,
             body,
             packets,
+            more,
         };
         match self
             .reorder
@@ -930,6 +940,10 @@ mod tests {
 
     /// A bundle of `sender`'s stream at `seq` with one packet of `payload` bytes.
     fn bundle_of(sender: NodeId, seq: u64, payload: usize) -> Bytes {
+        bundle_with(sender, seq, payload, false)
+    }
+
+    fn bundle_with(sender: NodeId, seq: u64, payload: usize, more: bool) -> Bytes {
         let mut p = vec![0u8; 40 + payload];
         p[0] = 0x60;
         p[4..6].copy_from_slice(&(payload as u16).to_be_bytes());
@@ -940,6 +954,7 @@ mod tests {
             dest: ME,
             session: SESSION,
             seq,
+            more,
         };
         Bytes::from(w.finish(&header, None))
     }
@@ -1093,6 +1108,46 @@ mod tests {
         let again = gets(&all(&mut inbox, t + ms(6)));
         assert_eq!(again.len(), 1);
         assert_eq!(again[0].key, key_of(PEER, 1).to_key());
+    }
+
+    #[test]
+    fn a_stream_whose_bundle_was_sealed_full_is_probed_two_keys_ahead() {
+        let keys = vec![(key_of(PEER, 0).to_key(), 100)];
+        let (mut inbox, t, actions) = started(listing(&keys), Cursor::default());
+        inbox.got(
+            gets(&actions)[0].clone(),
+            Ok(Some(bundle_with(PEER, 0, 1_000, true))),
+            t,
+        );
+        let actions = all(&mut inbox, t);
+        let more: Vec<bool> = actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Deliver { bundles, .. } => Some(bundles.iter().map(|b| b.more)),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        assert_eq!(more, [true], "the egress learns that more follows");
+        let probed: Vec<String> = gets(&actions).into_iter().map(|g| g.key).collect();
+        assert_eq!(
+            probed,
+            [key_of(PEER, 1).to_key(), key_of(PEER, 2).to_key()],
+            "its sender has more PUTs in flight"
+        );
+        // Its next bundle was not full: one key ahead again (however large it was).
+        let g = gets(&actions);
+        inbox.got(
+            g[0].clone(),
+            Ok(Some(bundle_with(PEER, 1, 60_000, false))),
+            t + ms(1),
+        );
+        inbox.got(g[1].clone(), Ok(None), t + ms(1));
+        let probed: Vec<String> = gets(&all(&mut inbox, t + ms(50)))
+            .into_iter()
+            .map(|g| g.key)
+            .collect();
+        assert_eq!(probed, [key_of(PEER, 2).to_key()]);
     }
 
     #[test]

@@ -305,6 +305,7 @@ async fn write_tun<T: PacketIo>(
             let _ = heard.try_send(Heard {
                 from: sender,
                 bytes: r.body.len(),
+                more: r.more,
             });
         }
     }

@@ -71,8 +71,8 @@ impl Outbox {
     }
 
     /// A bundle of `bytes` from `peer` was delivered to the local stack (see `Bundler::heard`).
-    pub fn heard(&mut self, peer: NodeId, bytes: usize, now: Instant) {
-        self.bundler.heard(peer, bytes, now);
+    pub fn heard(&mut self, peer: NodeId, bytes: usize, more: bool, now: Instant) {
+        self.bundler.heard(peer, bytes, more, now);
     }
 
     /// A packet for `dest` (already classified).

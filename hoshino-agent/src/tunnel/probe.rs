@@ -11,7 +11,8 @@
 //! - a find or a doorbell naming the stream makes it eager again, except that a stream we are
 //!   caught up with (its last probe missed) whose cadence is slower than `PROBE_AHEAD_WITHIN` is
 //!   next probed at three quarters of its interval after a find: its sender has nothing more yet,
-//!   and an immediate probe would only miss;
+//!   and an immediate probe would only miss (once `CADENCE_FINDS` finds in a row show the
+//!   cadence: a request and its reply are no cadence);
 //! - a PUT of ours (a reply is likely) makes every stream without a cadence (bundles found less
 //!   than `CADENCE_WITHIN` apart) eager for its next `EAGER_MISSES` misses: each miss is probed
 //!   again at once, so a reply is found within about one GET of landing (what a round trip's
@@ -39,6 +40,10 @@ pub const EAGER_MISSES: u32 = 16;
 pub const PROBE_AHEAD_WITHIN: Duration = Duration::from_millis(20);
 /// Finds closer together than this form a stream's cadence.
 pub const CADENCE_WITHIN: Duration = Duration::from_millis(250);
+/// Finds in a row, each within `CADENCE_WITHIN` of the last, before a find is taken to predict
+/// the next one: a request and its reply (a TCP handshake, an HTTP GET) are two or three finds
+/// that predict nothing, and waiting on their "interval" delayed the next packet.
+pub const CADENCE_FINDS: u32 = 4;
 
 #[derive(Clone, Copy, Debug, Default)]
 struct StreamProbe {
@@ -52,6 +57,8 @@ struct StreamProbe {
     eager: u32,
     /// A probe missed since the last find: we are not behind the sender.
     caught_up: bool,
+    /// Finds in a row within `CADENCE_WITHIN` of each other.
+    run: u32,
 }
 
 #[derive(Debug, Default)]
@@ -125,6 +132,11 @@ impl ProbeSchedule {
                 None => d,
             });
         }
+        p.run = if p.interval.is_some() {
+            p.run.saturating_add(1)
+        } else {
+            1
+        };
         p.last_find = Some(now);
         p.gap = Duration::ZERO;
         p.eager = 0;
@@ -134,7 +146,7 @@ impl ProbeSchedule {
         // backlog), probe at once.
         p.not_before = p
             .interval
-            .filter(|i| p.caught_up && *i >= PROBE_AHEAD_WITHIN)
+            .filter(|i| p.caught_up && p.run >= CADENCE_FINDS && *i >= PROBE_AHEAD_WITHIN)
             .map(|i| now + i - i / 4);
         p.caught_up = false;
     }
@@ -243,6 +255,26 @@ mod tests {
             p.hit(OTHER, t + ms(10 * i + 10));
         }
         assert!(p.may_probe(OTHER, t + ms(80)));
+    }
+
+    #[test]
+    fn a_request_and_its_reply_are_no_cadence_to_wait_on() {
+        let t = Instant::now();
+        let mut p = ProbeSchedule::default();
+        // A handshake: the SYN found after misses, the ACK 36 ms later (after misses too); the
+        // request follows at once and must be probed for at once.
+        p.missed(S, t);
+        p.hit(S, t + ms(10));
+        p.missed(S, t + ms(20));
+        p.hit(S, t + ms(46));
+        assert!(p.may_probe(S, t + ms(46)));
+        p.missed(S, t + ms(60));
+        p.hit(S, t + ms(90));
+        assert!(p.may_probe(S, t + ms(90)), "three finds are no cadence yet");
+        // The fourth in a row is.
+        p.missed(S, t + ms(100));
+        p.hit(S, t + ms(130));
+        assert!(!p.may_probe(S, t + ms(130)));
     }
 
     #[test]

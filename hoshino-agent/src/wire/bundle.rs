@@ -157,13 +157,20 @@ pub struct BundleHeader {
     pub dest: NodeId,
     pub session: u64,
     pub seq: u64,
+    /// Sealed because it was full, with more to send at once (`FLAG_MORE`): a receiver can
+    /// wait for the next bundle before answering, and probe ahead.
+    pub more: bool,
 }
+
+/// The one flag bit defined: `BundleHeader::more`.
+pub const FLAG_MORE: u8 = 0x01;
 
 impl BundleHeader {
     fn write_fields(&self, version: u8, out: &mut [u8]) {
         out[0..4].copy_from_slice(MAGIC);
         out[4] = version;
-        out[5..8].fill(0);
+        out[5] = if self.more { FLAG_MORE } else { 0 };
+        out[6..8].fill(0);
         out[8..16].copy_from_slice(&self.sender.0.to_be_bytes());
         out[16..24].copy_from_slice(&self.dest.0.to_be_bytes());
         out[24..32].copy_from_slice(&self.session.to_be_bytes());
@@ -340,7 +347,7 @@ pub fn decode(input: &[u8], key: Option<&NetworkKey>) -> Result<Bundle, BundleEr
     if version != VERSION_PLAIN && version != VERSION_AEAD {
         return Err(BundleError::BadVersion(version));
     }
-    if fields[5..8] != [0, 0, 0] {
+    if fields[5] & !FLAG_MORE != 0 || fields[6..8] != [0, 0] {
         return Err(BundleError::BadFlags(fields[5]));
     }
     let header = BundleHeader {
@@ -348,6 +355,7 @@ pub fn decode(input: &[u8], key: Option<&NetworkKey>) -> Result<Bundle, BundleEr
         dest: NodeId(be_u64(&fields[16..24])),
         session: be_u64(&fields[24..32]),
         seq: be_u64(&fields[32..40]),
+        more: fields[5] & FLAG_MORE != 0,
     };
     match (version, key) {
         (VERSION_PLAIN, None) => {
@@ -463,6 +471,7 @@ mod tests {
             dest: NodeId(0x2222),
             session: 0xdead_beef,
             seq: 7,
+            more: false,
         }
     }
 
@@ -476,6 +485,32 @@ mod tests {
             w.push(p);
         }
         w.finish(&header(), key)
+    }
+
+    #[test]
+    fn the_more_flag_round_trips_in_both_versions_and_is_authenticated() {
+        let full = BundleHeader {
+            more: true,
+            ..header()
+        };
+        for k in [None, Some(key())] {
+            let mut w = BundleWriter::new();
+            w.push(&ipv6_packet(1, 2, b"x"));
+            let bytes = w.finish(&full, k.as_ref());
+            assert_eq!(bytes[5], FLAG_MORE);
+            assert!(decode(&bytes, k.as_ref()).unwrap().header.more);
+            assert!(
+                !decode(&encode(&sample(), k.as_ref()), k.as_ref())
+                    .unwrap()
+                    .header
+                    .more
+            );
+            if k.is_some() {
+                let mut cleared = bytes.clone();
+                cleared[5] = 0;
+                assert_eq!(decode(&cleared, k.as_ref()), Err(BundleError::BadMac));
+            }
+        }
     }
 
     fn sample() -> Vec<Vec<u8>> {
@@ -645,6 +680,9 @@ mod tests {
         let mut b = good.clone();
         b[5] = 0x80;
         assert_eq!(decode(&b, None), Err(BundleError::BadFlags(0x80)));
+        let mut b = good.clone();
+        b[5] = FLAG_MORE | 0x02;
+        assert_eq!(decode(&b, None), Err(BundleError::BadFlags(0x03)));
         let mut b = good.clone();
         b[7] = 1;
         assert!(matches!(decode(&b, None), Err(BundleError::BadFlags(_))));
