@@ -95,6 +95,11 @@ struct Args {
     backlog_objects: u64,
     #[arg(long, default_value_t = 16)]
     backlog_object_mib: usize,
+    /// TCP congestion control of the bulk flows (e.g. `cubic`, the default of Debian and Amazon
+    /// Linux); by default the host's (`net.ipv4.tcp_congestion_control`), which a new namespace
+    /// inherits.
+    #[arg(long)]
+    congestion: Option<String>,
     /// Extra flags for every agent (e.g. `--agent-arg=--bundle-max-bytes=4194304`).
     #[arg(long = "agent-arg", allow_hyphen_values = true)]
     agent_args: Vec<String>,
@@ -229,6 +234,12 @@ fn profile_figures(
     let mut net =
         TunnelNet::start(BackendKind::S3sFs, 2, &options).context("starting the bench network")?;
     let mut f = ProfileFigures::default();
+    let congestion = match &args.congestion {
+        Some(cc) => cc.clone(),
+        None => std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control")
+            .map_or_else(|_| "unknown".into(), |s| s.trim().to_owned()),
+    };
+    println!("TCP congestion control of the bulk flows: {congestion}");
 
     let floor = s3_floor(&net, args.floor_samples)?;
     let floor_rtt = 2.0 * (floor.put_p50_ms + floor.get_p50_ms);
@@ -281,7 +292,10 @@ fn profile_figures(
         );
     }
     let before = snapshot(&net)?;
-    let tunnel = step("bulk TCP", bulk_tcp(&net, args.bulk_mib, 1));
+    let tunnel = step(
+        "bulk TCP",
+        bulk_tcp(&net, args.bulk_mib, 1, args.congestion.as_deref()),
+    );
     let after = snapshot(&net)?;
     if let Some(tunnel) = tunnel {
         println!(
@@ -312,7 +326,12 @@ fn profile_figures(
         let before = snapshot(&net)?;
         let tunnel = step(
             "bulk TCP, several flows",
-            bulk_tcp(&net, args.multi_mib, args.multi_flows),
+            bulk_tcp(
+                &net,
+                args.multi_mib,
+                args.multi_flows,
+                args.congestion.as_deref(),
+            ),
         );
         let after = snapshot(&net)?;
         if let Some(tunnel) = tunnel {
@@ -608,7 +627,12 @@ fn bytes_field(out: &str) -> anyhow::Result<f64> {
 }
 
 /// Bytes per second of one TCP stream from node 1 to node 2, timed at the receiver.
-fn bulk_tcp(net: &TunnelNet, mib: u64, flows: u32) -> anyhow::Result<f64> {
+fn bulk_tcp(
+    net: &TunnelNet,
+    mib: u64,
+    flows: u32,
+    congestion: Option<&str>,
+) -> anyhow::Result<f64> {
     let probe = binaries::netprobe()?;
     let probe = probe.to_string_lossy().into_owned();
     let to = SocketAddrV6::new(net.node(2)?.tunnel_addr, 9200, 0, 0);
@@ -632,7 +656,8 @@ fn bulk_tcp(net: &TunnelNet, mib: u64, flows: u32) -> anyhow::Result<f64> {
     }
     let bytes = mib * 1024 * 1024;
     let started = Instant::now();
-    command::run(net.command_in(1, &probe)?.args([
+    let mut send = net.command_in(1, &probe)?;
+    send.args([
         "tcp-send",
         "--to",
         &to.to_string(),
@@ -640,8 +665,11 @@ fn bulk_tcp(net: &TunnelNet, mib: u64, flows: u32) -> anyhow::Result<f64> {
         &bytes.to_string(),
         "--flows",
         &flows.to_string(),
-    ]))
-    .context("tcp-send through the tunnel")?;
+    ]);
+    if let Some(cc) = congestion {
+        send.args(["--congestion", cc]);
+    }
+    command::run(&mut send).context("tcp-send through the tunnel")?;
     let result = lines
         .next()
         .transpose()?

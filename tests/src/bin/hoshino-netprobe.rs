@@ -56,6 +56,10 @@ enum Probe {
         bytes: u64,
         #[arg(long, default_value_t = 1)]
         flows: u32,
+        /// TCP congestion control of the flows (`TCP_CONGESTION`, e.g. `cubic`); the
+        /// namespace's default if unset.
+        #[arg(long)]
+        congestion: Option<String>,
     },
     /// Accepts `flows` connections and reads them to the end; prints `bytes N seconds S` (from
     /// the first accept to the last end).
@@ -96,7 +100,12 @@ fn main() -> ExitCode {
             Duration::from_secs(timeout),
             Duration::from_secs(linger),
         ),
-        Probe::TcpSend { to, bytes, flows } => tcp_send(to, bytes, flows),
+        Probe::TcpSend {
+            to,
+            bytes,
+            flows,
+            congestion,
+        } => tcp_send(to, bytes, flows, congestion),
         Probe::TcpRecv { listen, flows } => tcp_recv(listen, flows),
         Probe::HttpGet { to, path, count } => http_get(to, &path, count),
     };
@@ -189,13 +198,19 @@ fn udp_recv(
     out.flush()
 }
 
-fn tcp_send(to: SocketAddr, bytes: u64, flows: u32) -> std::io::Result<()> {
+fn tcp_send(
+    to: SocketAddr,
+    bytes: u64,
+    flows: u32,
+    congestion: Option<String>,
+) -> std::io::Result<()> {
     let flows = u64::from(flows.max(1));
     let start = Instant::now();
     let senders: Vec<_> = (0..flows)
         .map(|i| {
             let share = bytes / flows + u64::from(i < bytes % flows);
-            std::thread::spawn(move || send_one(to, share))
+            let congestion = congestion.clone();
+            std::thread::spawn(move || send_one(to, share, congestion.as_deref()))
         })
         .collect();
     for s in senders {
@@ -206,7 +221,7 @@ fn tcp_send(to: SocketAddr, bytes: u64, flows: u32) -> std::io::Result<()> {
     Ok(())
 }
 
-fn send_one(to: SocketAddr, bytes: u64) -> std::io::Result<()> {
+fn send_one(to: SocketAddr, bytes: u64, congestion: Option<&str>) -> std::io::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut stream = loop {
         match TcpStream::connect_timeout(&to, Duration::from_secs(10)) {
@@ -218,6 +233,9 @@ fn send_one(to: SocketAddr, bytes: u64) -> std::io::Result<()> {
             Err(e) => return Err(e),
         }
     };
+    if let Some(cc) = congestion {
+        set_congestion(&stream, cc)?;
+    }
     let chunk = vec![0xa5_u8; 256 * 1024];
     let mut left = bytes;
     while left > 0 {
@@ -230,6 +248,30 @@ fn send_one(to: SocketAddr, bytes: u64) -> std::io::Result<()> {
     let mut sink = [0u8; 16];
     let _ = stream.read(&mut sink);
     Ok(())
+}
+
+/// `TCP_CONGESTION` (root may pick any loaded algorithm, not only the allowed ones).
+fn set_congestion(stream: &TcpStream, cc: &str) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the fd is open for the stream's lifetime; the name is a valid buffer of its length.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_CONGESTION,
+            cc.as_ptr().cast(),
+            cc.len() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        let e = std::io::Error::last_os_error();
+        Err(std::io::Error::new(
+            e.kind(),
+            format!("TCP_CONGESTION {cc}: {e}"),
+        ))
+    }
 }
 
 fn tcp_recv(listen: SocketAddr, flows: u32) -> std::io::Result<()> {
