@@ -142,7 +142,7 @@ pub struct TunnelArgs {
     #[arg(long, env = "HOSHINO_HEARTBEAT_LINGER", help_heading = "Polling", value_name = "DURATION",
           default_value_t = duration(HeartbeatConfig::default().linger))]
     pub heartbeat_linger: humantime::Duration,
-    /// Doorbell HEAD interval when idle (10 s without a find).
+    /// Doorbell read (GET) interval when idle (10 s without a find).
     #[arg(long, env = "HOSHINO_IDLE_POLL", help_heading = "Polling", value_name = "DURATION",
           default_value_t = duration(HeartbeatConfig::default().idle_poll))]
     pub idle_poll: humantime::Duration,

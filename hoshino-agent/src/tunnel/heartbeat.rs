@@ -7,8 +7,8 @@
 //!   - After that, each empty LIST doubles the interval, clamped to `max`.
 //!   - A failed poll counts as an empty one (back off rather than hammer a failing server).
 //! - After `IDLE_AFTER` (10 s) without a find (counted from the last find or the last wake, the
-//!   later of the two), the schedule enters **idle** mode: the only request is a HEAD of the
-//!   node's doorbell every `idle_poll` (1 s), a GET-class request.
+//!   later of the two), the schedule enters **idle** mode: the only request is a read (GET) of
+//!   the node's doorbell every `idle_poll` (1 s).
 //! - A doorbell whose ETag changed (or that appeared) returns to active mode with an immediate
 //!   LIST at interval `min`. A wake that finds nothing does not count as a find, so it does not
 //!   linger at `min`: the interval backs off from `min` and the node idles again after
@@ -89,7 +89,7 @@ impl HeartbeatConfig {
 pub enum Poll {
     /// LIST the inbox.
     List,
-    /// HEAD the doorbell.
+    /// Read the doorbell.
     Bell,
 }
 
@@ -159,7 +159,7 @@ impl Heartbeat {
         }
     }
 
-    /// A doorbell HEAD completed at `now`; `changed` says whether its ETag differs from the last
+    /// An idle doorbell read completed at `now`; `changed` says whether its ETag differs from the last
     /// one seen.
     pub fn bell_done(&mut self, now: Instant, changed: bool) {
         if changed {

@@ -2,8 +2,8 @@
 //! GET, bell read or DeleteObjects to start next, what to deliver and in which order. The
 //! clock is passed in; `ingress` performs the actions and feeds their results back.
 //!
-//! - **Finding objects.** The heartbeat sets the pace (active ticks, or a doorbell HEAD per
-//!   `--idle-poll` when idle). On each active tick the inbox *probes* (GETs) the next key of
+//! - **Finding objects.** The heartbeat sets the pace (active ticks, or a doorbell GET per
+//!   `--idle-poll` when idle, whose body names the stream that rang). On each active tick the inbox *probes* (GETs) the next key of
 //!   every stream it knows, and LISTs only to discover new streams (at start, on a doorbell
 //!   change, and at most every `LIST_EVERY` while active).
 //! - **What a probe costs.** A probe that misses is a request too, so a stream is probed one
@@ -88,10 +88,18 @@ pub struct Received {
 pub enum HeadPurpose {
     /// At start, before the first LIST: only a baseline.
     Baseline,
-    /// The idle poll: a changed ETag wakes the node.
-    Poll,
     /// Entering idle: a fresh baseline, then one more LIST.
     Settle,
+}
+
+/// Why the bell is read (a GET: its ETag, and the key of the bundle that rang it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BellRead {
+    /// The idle poll. A GET rather than a HEAD: the same price class, and a changed bell's body
+    /// names the stream to probe, so waking costs no second read of it.
+    Poll,
+    /// While active: a changed bell names a new stream.
+    Check,
 }
 
 /// What the driver must do next.
@@ -100,7 +108,7 @@ pub enum Action {
     /// HEAD this node's bell; answer with `Inbox::bell_headed`.
     HeadBell(HeadPurpose),
     /// GET the bell (ETag and the hint it carries); answer with `Inbox::bell_read`.
-    ReadBell,
+    ReadBell(BellRead),
     /// One LIST page of the inbox; answer with `Inbox::listed`.
     List { continuation: Option<String> },
     /// GET `key` reading at most `limit` bytes; answer with `Inbox::got`, passing `get` back.
@@ -188,8 +196,12 @@ pub struct Inbox {
     expect_until: Option<Instant>,
     found: bool,
     bell_etag: Option<String>,
+    /// An active-mode bell check is in flight.
     reading_bell: bool,
-    heading: Option<HeadPurpose>,
+    /// A bell request the heartbeat waits on (baseline, settle, idle poll) is in flight.
+    bell_pending: bool,
+    /// The last idle poll found the bell larger than `BELL_MAX_BYTES`.
+    bell_oversized: bool,
     last_bell_check: Option<Instant>,
     up: bool,
     /// Unix seconds at `epoch`: the cursor's entries are dated in wall time.
@@ -242,7 +254,8 @@ impl Inbox {
             found: false,
             bell_etag: None,
             reading_bell: false,
-            heading: None,
+            bell_pending: false,
+            bell_oversized: false,
             last_bell_check: None,
             up: false,
             unix_at_epoch: unix_now,
@@ -254,7 +267,7 @@ impl Inbox {
         };
         // Baseline the doorbell before the first LIST, so a ring after that LIST is seen as a
         // change when the node goes idle.
-        inbox.heading = Some(HeadPurpose::Baseline);
+        inbox.bell_pending = true;
         inbox
             .actions
             .push_back(Action::HeadBell(HeadPurpose::Baseline));
@@ -301,7 +314,7 @@ impl Inbox {
 
     /// When `poll` next has something to do without any result arriving.
     pub fn next_deadline(&self) -> Option<Instant> {
-        let tick = (self.heading.is_none()).then(|| self.heartbeat.next().1);
+        let tick = (!self.bell_pending).then(|| self.heartbeat.next().1);
         // Deletes wait while a LIST is in flight (its completion wakes the driver).
         let deletes = (!self.listing)
             .then(|| self.deletes.next_deadline())
@@ -318,7 +331,7 @@ impl Inbox {
         self.reorder.expire(now, &mut self.out);
         self.deliver(now);
         self.start_deletes(now);
-        if self.heading.is_none() {
+        if !self.bell_pending {
             let (kind, due) = self.heartbeat.next();
             if now >= due {
                 self.tick(kind, now);
@@ -355,17 +368,18 @@ impl Inbox {
                 if !was_idle && self.heartbeat.is_idle() {
                     // Entering idle: baseline the doorbell, then LIST once more. Rings that
                     // came while active were answered by those LISTs and probes; without a
-                    // fresh baseline the first idle HEAD would see them as new. A ring after
+                    // fresh baseline the first idle poll would see them as new. A ring after
                     // the baseline still changes the ETag, and an object PUT before it is seen
                     // by the LIST that follows, so nothing is stranded.
-                    self.heading = Some(HeadPurpose::Settle);
+                    self.bell_pending = true;
                     self.actions
                         .push_back(Action::HeadBell(HeadPurpose::Settle));
                 }
             }
             Poll::Bell => {
-                self.heading = Some(HeadPurpose::Poll);
-                self.actions.push_back(Action::HeadBell(HeadPurpose::Poll));
+                self.bell_pending = true;
+                self.last_bell_check = Some(now);
+                self.actions.push_back(Action::ReadBell(BellRead::Poll));
             }
         }
     }
@@ -378,34 +392,13 @@ impl Inbox {
         etag: Result<Option<String>, S3Error>,
         now: Instant,
     ) {
-        self.heading = None;
-        match purpose {
-            HeadPurpose::Baseline | HeadPurpose::Settle => {
-                // On error keep the old baseline: at worst the first idle HEAD wakes us once.
-                if let Ok(etag) = etag {
-                    self.bell_etag = etag;
-                }
-                if purpose == HeadPurpose::Settle {
-                    self.start_list(now);
-                }
-            }
-            HeadPurpose::Poll => {
-                let changed = match etag {
-                    Ok(etag) => {
-                        let changed = etag != self.bell_etag;
-                        self.bell_etag = etag;
-                        changed
-                    }
-                    // Unknown state: look at the inbox rather than risk missing a ring.
-                    Err(_) => true,
-                };
-                if changed {
-                    self.list_wanted = true;
-                    // Read the hint: which stream rang, so it is probed at once.
-                    self.read_bell(now);
-                }
-                self.heartbeat.bell_done(now, changed);
-            }
+        self.bell_pending = false;
+        // On error keep the old baseline: at worst the first idle poll wakes us once.
+        if let Ok(etag) = etag {
+            self.bell_etag = etag;
+        }
+        if purpose == HeadPurpose::Settle {
+            self.start_list(now);
         }
     }
 
@@ -415,21 +408,59 @@ impl Inbox {
         }
         self.reading_bell = true;
         self.last_bell_check = Some(now);
-        self.actions.push_back(Action::ReadBell);
+        self.actions.push_back(Action::ReadBell(BellRead::Check));
     }
 
-    /// The bell GET answered (ETag and body). A changed bell means a sender started (again)
-    /// talking to us: its body names the key it just wrote, so that stream is probed at once.
+    /// A bell GET asked for by `Action::ReadBell(read)` answered: its ETag and body, `None` if
+    /// there is no bell. A changed bell means a sender started (again) talking to us: its body
+    /// names the key it just wrote, so that stream is probed at once. The idle poll also wakes
+    /// the node on a change (or on an error: rather a LIST than a missed ring).
     /// The hint is only trusted for its shape: any node may ring any bell, but a probe is just
     /// a GET of a key that IAM lets only the named sender write.
-    pub fn bell_read(&mut self, bell: Result<Option<(String, Bytes)>, S3Error>, now: Instant) {
-        self.reading_bell = false;
-        let Ok(Some((etag, body))) = bell else {
-            return;
+    pub fn bell_read(
+        &mut self,
+        read: BellRead,
+        bell: Result<Option<(String, Bytes)>, S3Error>,
+        now: Instant,
+    ) {
+        let bell = match read {
+            BellRead::Check => {
+                self.reading_bell = false;
+                match bell {
+                    Ok(Some(bell)) if self.bell_etag.as_deref() != Some(bell.0.as_str()) => bell,
+                    _ => return,
+                }
+            }
+            BellRead::Poll => {
+                self.bell_pending = false;
+                let (changed, bell) = match bell {
+                    Ok(bell) => {
+                        self.bell_oversized = false;
+                        let etag = bell.as_ref().map(|(etag, _)| etag.as_str());
+                        (etag != self.bell_etag.as_deref(), bell)
+                    }
+                    // Not a bell we wrote (any node may ring any bell): a change once, not on
+                    // every poll, or one write of it would keep the node LISTing for good.
+                    Err(S3Error::TooLarge { .. }) => {
+                        (!std::mem::replace(&mut self.bell_oversized, true), None)
+                    }
+                    Err(_) => (true, None),
+                };
+                if !changed {
+                    self.heartbeat.bell_done(now, false);
+                    return;
+                }
+                self.list_wanted = true;
+                self.heartbeat.bell_done(now, true);
+                let Some(bell) = bell else {
+                    // Gone (or unreadable): the LIST looks at the inbox.
+                    self.bell_etag = None;
+                    return;
+                };
+                bell
+            }
         };
-        if self.bell_etag.as_deref() == Some(etag.as_str()) {
-            return;
-        }
+        let (etag, body) = bell;
         self.bell_etag = Some(etag);
         self.list_wanted = true;
         let Some(hint) = std::str::from_utf8(&body)
@@ -1272,31 +1303,146 @@ mod tests {
         assert!(delivered(&all(&mut inbox, t + Duration::from_secs(2))).is_empty());
     }
 
-    #[test]
-    fn a_put_of_ours_makes_an_idle_inbox_look_at_once() {
-        let (mut inbox, t, _) = started(listing(&[]), Cursor::default());
+    /// Answers every request with "nothing there" until the inbox goes idle; returns the time.
+    fn idled(inbox: &mut Inbox, t: Instant) -> Instant {
         // Nothing found for longer than IDLE_AFTER: the inbox goes idle (settling HEAD + LIST).
         let mut now = t;
-        while !inbox.is_idle() {
+        let mut pending = true;
+        while !inbox.is_idle() || pending {
             now += ms(100);
-            for a in all(&mut inbox, now) {
+            let actions = all(inbox, now);
+            // Settling answers with a LIST of its own: idle once that is answered too.
+            pending = !actions.is_empty();
+            for a in actions {
                 match a {
                     Action::HeadBell(p) => inbox.bell_headed(p, Ok(None), now),
                     Action::List { .. } => inbox.listed(Ok(listing(&[])), now),
-                    Action::ReadBell => inbox.bell_read(Ok(None), now),
+                    Action::ReadBell(r) => inbox.bell_read(r, Ok(None), now),
+                    Action::Get(g) => inbox.got(g, Ok(None), now),
                     _ => {}
                 }
             }
             assert!(now < t + Duration::from_secs(60), "never went idle");
         }
+        now
+    }
+
+    #[test]
+    fn a_put_of_ours_makes_an_idle_inbox_look_at_once() {
+        let keys = vec![(key_of(PEER, 0).to_key(), 100)];
+        let (mut inbox, t, actions) = started(listing(&keys), Cursor::default());
+        inbox.got(
+            gets(&actions)[0].clone(),
+            Ok(Some(bundle_of(PEER, 0, 10))),
+            t,
+        );
+        let now = idled(&mut inbox, t);
         let deadline = inbox.next_deadline().expect("an idle inbox polls its bell");
         assert!(deadline > now + ms(100));
+        // A reply to our PUT would come as the peer's next bundle: probed now, not at the poll.
         inbox.sent(now);
         assert!(!inbox.is_idle());
-        let actions = all(&mut inbox, now);
+        let probed: Vec<String> = gets(&all(&mut inbox, now))
+            .into_iter()
+            .map(|g| g.key)
+            .collect();
+        assert_eq!(probed, [key_of(PEER, 1).to_key()]);
+    }
+
+    #[test]
+    fn an_idle_inbox_polls_by_reading_its_bell_and_a_ring_is_probed_without_a_second_read() {
+        let (mut inbox, t, _) = started(listing(&[]), Cursor::default());
+        let idle = idled(&mut inbox, t);
+        // Unchanged (still no bell): one GET per idle poll, nothing else.
+        let due = inbox.next_deadline().expect("an idle inbox polls its bell");
+        let actions = all(&mut inbox, due);
+        assert!(
+            matches!(actions[..], [Action::ReadBell(BellRead::Poll)]),
+            "{actions:?}"
+        );
+        inbox.bell_read(BellRead::Poll, Ok(None), due);
+        assert!(inbox.is_idle());
+        assert!(all(&mut inbox, due).is_empty());
+        assert!(inbox.next_deadline().expect("polls again") >= due + ms(900));
+        assert!(due > idle);
+        // A sender rang it after writing its bundle 0: the answer to that same poll wakes the
+        // node and probes exactly that key, with no further bell request before it.
+        let due = inbox.next_deadline().expect("an idle inbox polls its bell");
+        let actions = all(&mut inbox, due);
+        assert!(
+            matches!(actions[..], [Action::ReadBell(BellRead::Poll)]),
+            "{actions:?}"
+        );
+        let rung = key_of(PEER, 0).to_key();
+        inbox.bell_read(
+            BellRead::Poll,
+            Ok(Some(("\"e1\"".to_string(), Bytes::from(rung.clone())))),
+            due,
+        );
+        assert!(!inbox.is_idle());
+        let actions = all(&mut inbox, due);
+        assert!(
+            !actions.iter().any(|a| matches!(a, Action::ReadBell(_))),
+            "{actions:?}"
+        );
+        let probed: Vec<String> = gets(&actions).into_iter().map(|g| g.key).collect();
+        assert_eq!(probed, [rung]);
+        assert!(
+            actions.iter().any(|a| matches!(a, Action::List { .. })),
+            "a ring also LISTs (new streams): {actions:?}"
+        );
+    }
+
+    #[test]
+    fn an_idle_poll_that_fails_wakes_the_inbox_rather_than_miss_a_ring() {
+        let (mut inbox, t, _) = started(listing(&[]), Cursor::default());
+        idled(&mut inbox, t);
+        let due = inbox.next_deadline().expect("an idle inbox polls its bell");
+        let actions = all(&mut inbox, due);
+        assert!(
+            matches!(actions[..], [Action::ReadBell(BellRead::Poll)]),
+            "{actions:?}"
+        );
+        let unavailable = S3Error::Request {
+            op: "GET",
+            key: "bell".into(),
+            message: "503 Service Unavailable".into(),
+            code: Some("ServiceUnavailable".into()),
+            status: Some(503),
+            retryable: true,
+        };
+        inbox.bell_read(BellRead::Poll, Err(unavailable), due);
+        assert!(!inbox.is_idle());
+        let actions = all(&mut inbox, due);
         assert!(
             actions.iter().any(|a| matches!(a, Action::List { .. })),
             "{actions:?}"
         );
+    }
+
+    #[test]
+    fn an_oversized_bell_wakes_an_idle_inbox_once_not_on_every_poll() {
+        let (mut inbox, t, _) = started(listing(&[]), Cursor::default());
+        let oversized = || S3Error::TooLarge {
+            key: "bell".into(),
+            size: 5_000,
+            limit: BELL_MAX_BYTES,
+        };
+        idled(&mut inbox, t);
+        let mut wakes = 0;
+        for _ in 0..3 {
+            let now = inbox.next_deadline().expect("an idle inbox polls its bell");
+            let actions = all(&mut inbox, now);
+            assert!(
+                matches!(actions[..], [Action::ReadBell(BellRead::Poll)]),
+                "{actions:?}"
+            );
+            inbox.bell_read(BellRead::Poll, Err(oversized()), now);
+            if !inbox.is_idle() {
+                wakes += 1;
+                idled(&mut inbox, now);
+            }
+        }
+        assert_eq!(wakes, 1);
     }
 }

@@ -21,7 +21,7 @@ use crate::store::{Listing, S3Error, Store};
 use crate::tunnel::cursor::{Cursor, CursorFile};
 use crate::tunnel::egress::{Heard, sleep_until};
 use crate::tunnel::heartbeat::HeartbeatConfig;
-use crate::tunnel::inbox::{Action, BELL_MAX_BYTES, Get, HeadPurpose, Inbox, Received};
+use crate::tunnel::inbox::{Action, BELL_MAX_BYTES, BellRead, Get, HeadPurpose, Inbox, Received};
 pub use crate::tunnel::inbox::{DEFAULT_BUDGET_BYTES, LIST_EVERY, MIN_BUDGET_BYTES};
 use crate::wire::bundle::{self, NetworkKey};
 use crate::wire::mailbox::{bell_key, inbox_prefix};
@@ -50,7 +50,7 @@ pub struct Ingress<S, T> {
 /// A finished request, with what the inbox needs to take its answer.
 enum Done {
     Head(HeadPurpose, Result<Option<String>, S3Error>),
-    Bell(Result<Option<(String, Bytes)>, S3Error>),
+    Bell(BellRead, Result<Option<(String, Bytes)>, S3Error>),
     List(Result<Listing, S3Error>),
     Get(Get, Result<Option<Bytes>, S3Error>),
 }
@@ -136,10 +136,11 @@ impl<S: Store, T: PacketIo> Ingress<S, T> {
                 d.requests
                     .spawn(async move { Done::Head(purpose, store.head(&key).await) });
             }
-            Action::ReadBell => {
+            Action::ReadBell(read) => {
                 let key = bell_key(self.me.id);
-                d.requests
-                    .spawn(async move { Done::Bell(store.get_tagged(&key, BELL_MAX_BYTES).await) });
+                d.requests.spawn(async move {
+                    Done::Bell(read, store.get_tagged(&key, BELL_MAX_BYTES).await)
+                });
             }
             Action::List { continuation } => {
                 let prefix = inbox_prefix(self.me.id);
@@ -184,11 +185,11 @@ impl<S: Store, T: PacketIo> Ingress<S, T> {
                 }
                 inbox.bell_headed(purpose, r, now);
             }
-            Done::Bell(r) => {
+            Done::Bell(read, r) => {
                 if let Err(e) = &r {
                     self.warn(d, e);
                 }
-                inbox.bell_read(r, now);
+                inbox.bell_read(read, r, now);
             }
             Done::List(r) => {
                 if let Err(e) = &r {
