@@ -218,6 +218,22 @@ impl NodeRecord {
     }
 }
 
+#[cfg(test)]
+impl NodeRecord {
+    /// The record the directory's and the name responder's unit tests build on: node `node` at
+    /// `fd00::<node>`, agent version 0.1.0, started at 0.
+    pub(crate) fn sample(node: u64, name: &str, refreshed_at: UnixMillis) -> NodeRecord {
+        NodeRecord {
+            node: NodeId(node),
+            name: name.parse().expect("name"),
+            addr: Ipv6Addr::from((0xfd00u128 << 112) | u128::from(node)),
+            agent_version: "0.1.0".into(),
+            started_at: 0,
+            refreshed_at,
+        }
+    }
+}
+
 fn parse_body(body: &[u8], node: NodeId) -> Result<NodeRecord, RecordError> {
     let fixed = take(body, 0, BODY_FIXED_LEN)?;
     let mut octets = [0u8; 16];
