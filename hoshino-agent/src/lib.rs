@@ -5,8 +5,8 @@
 //!   decisions, `reorder`, `cursor`, `deletes`, `probe`, `heartbeat`) are sans-IO state machines
 //!   (time passed in); `egress` and `ingress` drive them against a `Store` and a `PacketIo`;
 //!   `tunnel` (this module's root) wires it all and takes it down again.
-//! - `wire/`: what is written to the bucket: the bundle codec (`bundle`) and the key schedule
-//!   (`mailbox`). Sans-IO.
+//! - `wire/`: what is written to the bucket: the bundle codec (`bundle`), the key schedule
+//!   (`mailbox`) and the AEAD envelope of bundles and directory records (`seal`). Sans-IO.
 //! - `store/`: the bucket as a trait (`Store`) with its doubles (`memory_store`, `fault_store`) and
 //!   the retry loop every request goes through (`retry`).
 //! - `edge/`: the I/O edges: S3 (`s3`), the TUN (`tun_device`, `packet_io`), netlink, the metrics

@@ -10,6 +10,7 @@ pub mod bpffs;
 pub mod bundle_forge;
 pub mod classifier_bench;
 pub mod command;
+pub mod http_server;
 pub mod metadata_bench;
 pub mod metrics;
 pub mod moto;

@@ -14,6 +14,8 @@ use crate::topology::{Node, Testbed, TopologyError};
 
 /// Generous: the first agent start on a cold machine also waits for the S3 server.
 pub const AGENT_READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Log lines of each agent that `agent_logs` shows.
+const LOG_TAIL_LINES: usize = 30;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TunnelNetError {
@@ -221,5 +223,33 @@ impl TunnelNet {
     /// A command inside node `index`'s namespace.
     pub fn command_in(&self, index: u8, program: &str) -> Result<Command, TunnelNetError> {
         Ok(self.node(index)?.ns.command(program))
+    }
+
+    /// The end of every agent's log, headed by its node: for assertion messages.
+    pub fn agent_logs(&self) -> String {
+        self.agents
+            .iter()
+            .enumerate()
+            .map(|(i, a)| format!("--- agent n{} ---\n{}\n", i + 1, a.log_tail(LOG_TAIL_LINES)))
+            .collect()
+    }
+
+    /// As `agent_logs`, each followed by a summary of the agent's metrics (or why it has none).
+    pub fn agent_logs_and_metrics(&self) -> String {
+        self.agents
+            .iter()
+            .enumerate()
+            .map(|(i, a)| {
+                let summary = a
+                    .metrics()
+                    .map(|m| m.summary())
+                    .unwrap_or_else(|e| e.to_string());
+                format!(
+                    "--- agent n{} ---\n{}\n--- metrics ---\n{summary}\n",
+                    i + 1,
+                    a.log_tail(LOG_TAIL_LINES)
+                )
+            })
+            .collect()
     }
 }

@@ -23,31 +23,9 @@ fn ping_and_http_download_cross_through_s3_by_tunnel_verdict() {
     let net = TunnelNet::without_agents(BackendKind::S3sFs, 2, &NetOptions::default())
         .expect("testbed with S3 server");
     let (n1, n2) = (net.node(1).expect("node 1"), net.node(2).expect("node 2"));
-    let endpoint = net.endpoint();
-    let _peer = Agent::start_ready(n2, endpoint, net.scratch(), &[], AGENT_READY_TIMEOUT)
+    let _peer = Agent::start_ready(n2, net.endpoint(), net.scratch(), &[], AGENT_READY_TIMEOUT)
         .expect("node 2 tunnel agent");
-    let machine_id = n1.machine_id_file.display().to_string();
-    let mut agent = AttachedAgent::start_configured(
-        &n1.ns,
-        net.scratch(),
-        "eth0",
-        &example_policy("ula-tunnel.toml"),
-        &[
-            "--bucket",
-            &endpoint.bucket,
-            "--endpoint-url",
-            &endpoint.url,
-            "--region",
-            &endpoint.region,
-            "--path-style",
-            "--machine-id-file",
-            &machine_id,
-            "--metrics-listen",
-            METRICS_LISTEN,
-        ],
-        |cmd| endpoint.apply_env(cmd),
-    );
-    agent.wait_for_log("tunnel up", 1, AGENT_READY_TIMEOUT);
+    let agent = AttachedAgent::start_tunneled(&net, n1, &example_policy("ula-tunnel.toml"));
 
     // The host's own routing sends node 2's address out of eth0 (towards the hub), from
     // node 1's tunnel address: without the classifier these packets would go to the hub.

@@ -95,14 +95,6 @@ fn ping_between(net: &TunnelNet, from: u8, to: u8, count: u32, deadline: Duratio
     .unwrap_or_else(|e| panic!("ping n{from} -> n{to}: {e}"))
 }
 
-fn logs(net: &TunnelNet) -> String {
-    net.agents
-        .iter()
-        .enumerate()
-        .map(|(i, a)| format!("--- agent n{} ---\n{}\n", i + 1, a.log_tail(30)))
-        .collect()
-}
-
 #[test]
 fn agents_holding_only_their_own_node_credentials_ping_each_other() {
     let mut net = TunnelNet::without_agents(BackendKind::Moto, 2, &NetOptions::default())
@@ -123,7 +115,7 @@ fn agents_holding_only_their_own_node_credentials_ping_each_other() {
             report.received >= PING_COUNT,
             "n{from} -> n{to} with per-node credentials: {}\n{}",
             report.raw,
-            logs(&net)
+            net.agent_logs()
         );
     }
     for (index, agent) in net.agents.iter().enumerate() {
@@ -154,7 +146,7 @@ fn agents_holding_only_their_own_node_credentials_ping_each_other() {
                     .and_then(|a| a.metrics().ok())
                     .map(|m| m.summary())
                     .unwrap_or_default(),
-                logs(&net)
+                net.agent_logs()
             );
             std::thread::sleep(Duration::from_millis(500));
         }
@@ -181,7 +173,7 @@ fn an_agent_holding_another_node_credentials_cannot_send_as_itself() {
         0,
         "a reply crossed: {}\n{}",
         report.raw,
-        logs(&net)
+        net.agent_logs()
     );
     let metrics = net
         .agent(1)
@@ -192,6 +184,6 @@ fn an_agent_holding_another_node_credentials_cannot_send_as_itself() {
         metrics.sum_where("hoshino_s3_errors_total", &[("op", "put")]) > 0.0,
         "n1's PUTs were not refused\n{}\n{}",
         metrics.summary(),
-        logs(&net)
+        net.agent_logs()
     );
 }

@@ -27,14 +27,6 @@ fn addr(net: &TunnelNet, index: u8) -> Ipv6Addr {
     net.node(index).expect("node").tunnel_addr
 }
 
-fn logs(net: &TunnelNet) -> String {
-    net.agents
-        .iter()
-        .enumerate()
-        .map(|(i, a)| format!("--- agent n{} ---\n{}\n", i + 1, a.log_tail(30)))
-        .collect()
-}
-
 /// `hoshino-agent <sub> <args>` in node `index`'s namespace with the testbed's S3 settings.
 fn agent_command(net: &TunnelNet, index: u8, sub: &str, args: &[&str]) -> Command {
     agent_command_at(net, index, sub, &net.endpoint().url, args)
@@ -75,7 +67,7 @@ fn wait_for_nodes(net: &TunnelNet, index: u8, n: usize) -> serde_json::Value {
         assert!(
             Instant::now() < deadline,
             "directory never had {n} nodes: {json}\n{}",
-            logs(net)
+            net.agent_logs()
         );
         std::thread::sleep(Duration::from_millis(500));
     }
@@ -88,7 +80,7 @@ fn dig(net: &TunnelNet, from: u8, server: u8, name: &str, extra: &[&str]) -> Str
         .args(["AAAA", name])
         .args(["+time=5", "+tries=3"])
         .args(extra);
-    command::run(&mut cmd).unwrap_or_else(|e| panic!("dig {name}: {e}\n{}", logs(net)))
+    command::run(&mut cmd).unwrap_or_else(|e| panic!("dig {name}: {e}\n{}", net.agent_logs()))
 }
 
 /// Asks until the answer is an address: the responder's directory copy may predate a peer's
@@ -103,7 +95,7 @@ fn resolve(net: &TunnelNet, from: u8, server: u8, name: &str) -> Ipv6Addr {
         assert!(
             Instant::now() < deadline,
             "{name} never resolved: {out:?}\n{}",
-            logs(net)
+            net.agent_logs()
         );
         std::thread::sleep(Duration::from_secs(2));
     }
@@ -175,7 +167,7 @@ fn a_peer_resolves_names_through_the_tunnel_and_pings_by_name() {
         report.unanswered(1).is_empty(),
         "ping n2 by name: {}\n{}",
         report.raw,
-        logs(&net)
+        net.agent_logs()
     );
 
     // status on n3: its ping to n2 and its DNS exchange with n1 show up per peer.

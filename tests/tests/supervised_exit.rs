@@ -8,7 +8,7 @@ mod interceptor_support;
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
-use hoshino_tests::agent::{Agent, METRICS_LISTEN};
+use hoshino_tests::agent::Agent;
 use hoshino_tests::netns::Namespace;
 use hoshino_tests::s3_backend::BackendKind;
 use hoshino_tests::tunnel_net::{AGENT_READY_TIMEOUT, NetOptions, TunnelNet};
@@ -100,29 +100,7 @@ fn deleting_the_tunnel_tun_under_a_running_attach_exits_1_and_leaves_nothing_but
     let net = TunnelNet::without_agents(BackendKind::S3sFs, 1, &NetOptions::default())
         .expect("testbed with S3 server");
     let n1 = net.node(1).expect("node 1");
-    let endpoint = net.endpoint();
-    let machine_id = n1.machine_id_file.display().to_string();
-    let mut agent = AttachedAgent::start_configured(
-        &n1.ns,
-        net.scratch(),
-        "eth0",
-        &example_policy("ula-tunnel.toml"),
-        &[
-            "--bucket",
-            &endpoint.bucket,
-            "--endpoint-url",
-            &endpoint.url,
-            "--region",
-            &endpoint.region,
-            "--path-style",
-            "--machine-id-file",
-            &machine_id,
-            "--metrics-listen",
-            METRICS_LISTEN,
-        ],
-        |cmd| endpoint.apply_env(cmd),
-    );
-    agent.wait_for_log("tunnel up", 1, AGENT_READY_TIMEOUT);
+    let mut agent = AttachedAgent::start_tunneled(&net, n1, &example_policy("ula-tunnel.toml"));
     n1.ns
         .ip(&["link", "del", "hoshino0"])
         .expect("delete the tunnel TUN under the agent");

@@ -5,15 +5,14 @@
 //! Timeouts are generous limits for a loaded 2-core machine, never measurements.
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddrV6};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use hoshino_tests::binaries;
 use hoshino_tests::bundle_forge::{self, BundleHeader, MAX_BUNDLE_BYTES};
 use hoshino_tests::command;
+use hoshino_tests::http_server::serve_directory;
 use hoshino_tests::node_addr::{self, DEFAULT_PREFIX};
 use hoshino_tests::ping::ping;
-use hoshino_tests::process::Spawned;
 use hoshino_tests::s3_backend::{BackendKind, BackendOptions};
 use hoshino_tests::tunnel_net::{NetOptions, TunnelNet};
 use hoshino_tests::udp_probe::{read_seqs, spawn_listening};
@@ -35,15 +34,6 @@ fn start_with(kind: BackendKind, options: &NetOptions) -> TunnelNet {
 
 fn addr(net: &TunnelNet, index: u8) -> Ipv6Addr {
     net.node(index).expect("node").tunnel_addr
-}
-
-/// Agent logs, for assertion messages.
-fn logs(net: &TunnelNet) -> String {
-    net.agents
-        .iter()
-        .enumerate()
-        .map(|(i, a)| format!("--- agent n{} ---\n{}\n", i + 1, a.log_tail(30)))
-        .collect()
 }
 
 fn assert_every_reply(net: &TunnelNet, from: u8, to: u8, count: u32) {
@@ -98,24 +88,8 @@ fn http_download_of_4mib_matches_its_checksum(kind: BackendKind) {
         .collect();
     std::fs::write(www.join("blob"), &blob).expect("write blob");
     let server_addr = addr(&net, 2);
-    let mut server_cmd = net.command_in(2, "python3").expect("node 2");
-    server_cmd
-        .args([
-            "-m",
-            "http.server",
-            "8080",
-            "--bind",
-            &server_addr.to_string(),
-            "--directory",
-        ])
-        .arg(&www)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let _server = Spawned::new(
-        "http.server",
-        server_cmd.spawn().expect("spawn http.server"),
-    );
+    let _server = serve_directory(&net.node(2).expect("node 2").ns, server_addr, 8080, &www)
+        .expect("spawn http.server");
 
     let out = net.scratch().join("downloaded");
     let mut curl = net.command_in(1, "curl").expect("node 1");
@@ -183,7 +157,7 @@ fn thousand_udp_datagrams_arrive_complete_in_order_without_duplicates(kind: Back
 
 /// Agent logs, TUN counters and agent metrics of every node, for assertion messages.
 fn diagnostics(net: &TunnelNet) -> String {
-    let mut out = logs(net);
+    let mut out = net.agent_logs();
     for node in &net.bed.nodes {
         let stats = node
             .ns
@@ -424,14 +398,19 @@ fn idle_nodes_only_poll_the_doorbell_and_wake_when_pinged() {
         assert!(
             Instant::now() < deadline,
             "agents did not go idle: {idle:?}\n{}",
-            logs(&net)
+            net.agent_logs()
         );
         std::thread::sleep(Duration::from_millis(200));
     }
     let (lists, heads) = (count("list"), count("head"));
     std::thread::sleep(Duration::from_secs(4));
     let (lists_after, heads_after) = (count("list"), count("head"));
-    assert_eq!(lists, lists_after, "no LIST while idle\n{}", logs(&net));
+    assert_eq!(
+        lists,
+        lists_after,
+        "no LIST while idle\n{}",
+        net.agent_logs()
+    );
     for (before, after) in heads.iter().zip(&heads_after) {
         assert!(
             after - before >= 2.0,

@@ -19,24 +19,6 @@ use hoshino_tests::udp_probe::{read_seqs, spawn_listening};
 
 const STOP_TIMEOUT: Duration = Duration::from_secs(20);
 
-fn logs(net: &TunnelNet) -> String {
-    net.agents
-        .iter()
-        .enumerate()
-        .map(|(i, a)| {
-            let summary = a
-                .metrics()
-                .map(|m| m.summary())
-                .unwrap_or_else(|e| e.to_string());
-            format!(
-                "--- agent n{} ---\n{}\n--- metrics ---\n{summary}\n",
-                i + 1,
-                a.log_tail(30)
-            )
-        })
-        .collect()
-}
-
 fn udp_send(net: &TunnelNet, to: SocketAddrV6, first: u64, count: u64) {
     let probe = binaries::netprobe().expect("hoshino-netprobe built");
     let mut send = net
@@ -92,14 +74,14 @@ fn receiver_restarted_mid_transfer_delivers_nothing_twice(stop: Stop) {
         None,
         "{stop:?}: a datagram arrived twice or out of order (at index {duplicated_or_reordered:?} of {})\n{}",
         seqs.len(),
-        logs(&net)
+        net.agent_logs_and_metrics()
     );
     let after: Vec<u64> = seqs.iter().copied().filter(|s| *s >= 1000).collect();
     assert_eq!(
         after,
         (1000..2000).collect::<Vec<u64>>(),
         "{stop:?}: every datagram sent after the restart arrives\n{}",
-        logs(&net)
+        net.agent_logs_and_metrics()
     );
     // The first burst waited in the bucket while the agent was down: nothing of it may be left
     // there (stranded) after the restart.
@@ -114,7 +96,7 @@ fn receiver_restarted_mid_transfer_delivers_nothing_twice(stop: Stop) {
         assert!(
             before >= 900,
             "{stop:?}: only {before} of the first 1000 arrived\n{}",
-            logs(&net)
+            net.agent_logs_and_metrics()
         );
     }
 }
@@ -156,7 +138,7 @@ fn wait_inbox_empty(net: &TunnelNet, inbox: &str, within: Duration) {
             Instant::now() < deadline,
             "objects left in {inbox} after {within:?}: {:?}\n{}",
             left.map(|l| l.len()),
-            logs(net)
+            net.agent_logs_and_metrics()
         );
         std::thread::sleep(Duration::from_secs(1));
     }
@@ -204,13 +186,13 @@ fn backlog_of_20000_objects_is_drained_while_new_traffic_is_answered() {
         report.unanswered(3).is_empty(),
         "pings unanswered with a 20,000-object backlog\n{}\n{}",
         report.raw,
-        logs(&net)
+        net.agent_logs_and_metrics()
     );
     eprintln!("first ping exchange with a 20,000-object backlog took {first_reply:?}");
     assert!(
         first_reply < Duration::from_secs(30),
         "new traffic took {first_reply:?}\n{}",
-        logs(&net)
+        net.agent_logs_and_metrics()
     );
     wait_inbox_empty(&net, &inbox, Duration::from_secs(120));
     let metrics = net.agent(2).expect("agent 2").metrics().expect("metrics");
@@ -274,7 +256,7 @@ fn backlog_of_large_bundles_stays_within_the_byte_budget() {
         delivered,
         (BUNDLES as usize * PACKETS) as f64,
         "every packet of the backlog is delivered\n{}",
-        logs(&net)
+        net.agent_logs_and_metrics()
     );
     let peak = agent.peak_rss_bytes().expect("VmHWM");
     // The backlog is 12 x 15 MB = 180 MB; fetching it page-at-once would hold all of it.
@@ -282,7 +264,7 @@ fn backlog_of_large_bundles_stays_within_the_byte_budget() {
         peak < 100 * 1024 * 1024,
         "peak RSS {} MiB with a 16 MiB budget\n{}",
         peak / (1024 * 1024),
-        logs(&net)
+        net.agent_logs_and_metrics()
     );
     eprintln!(
         "peak RSS draining a {BUNDLES} x 15 MB backlog: {} MiB",

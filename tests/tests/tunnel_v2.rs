@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use hoshino_tests::bundle_forge::{self, BundleHeader};
 use hoshino_tests::command;
+use hoshino_tests::http_server::serve_directory;
 use hoshino_tests::ping::{PingReport, ping};
 use hoshino_tests::process::Spawned;
 use hoshino_tests::s3_backend::{BUCKET, BackendKind};
@@ -25,24 +26,6 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(20);
 /// bucket, the packets were stored in the clear.
 const MARKER_HEX: &str = "686f7368696e6f2d6d61726b65722121";
 const MARKER: &[u8] = b"hoshino-marker!!";
-
-fn logs(net: &TunnelNet) -> String {
-    net.agents
-        .iter()
-        .enumerate()
-        .map(|(i, a)| {
-            let summary = a
-                .metrics()
-                .map(|m| m.summary())
-                .unwrap_or_else(|e| e.to_string());
-            format!(
-                "--- agent n{} ---\n{}\n--- metrics ---\n{summary}\n",
-                i + 1,
-                a.log_tail(30)
-            )
-        })
-        .collect()
-}
 
 fn addr(net: &TunnelNet, index: u8) -> Ipv6Addr {
     net.node(index).expect("node").tunnel_addr
@@ -70,7 +53,7 @@ fn assert_every_reply(net: &TunnelNet, from: u8, to: u8, count: u32) {
         unanswered.is_empty(),
         "n{from} -> n{to}: requests {unanswered:?} got no reply\n{}\n{}",
         report.raw,
-        logs(net)
+        net.agent_logs_and_metrics()
     );
 }
 
@@ -93,15 +76,13 @@ fn serve_blob(net: &TunnelNet, index: u8, blob: &[u8]) -> Spawned {
     std::fs::create_dir_all(&www).expect("www dir");
     std::fs::write(www.join("blob"), blob).expect("write blob");
     std::fs::write(www.join("ready"), b"ready").expect("write ready");
-    let mut cmd = net.command_in(index, "python3").expect("node");
-    cmd.args(["-m", "http.server", "8080", "--bind"])
-        .arg(addr(net, index).to_string())
-        .arg("--directory")
-        .arg(&www)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    Spawned::new("http.server", cmd.spawn().expect("spawn http.server"))
+    serve_directory(
+        &net.node(index).expect("node").ns,
+        addr(net, index),
+        8080,
+        &www,
+    )
+    .expect("spawn http.server")
 }
 
 /// curl on node `from` fetching the blob from node `server` into `out`; `extra` flags first.
@@ -123,12 +104,17 @@ fn curl(
 
 fn assert_same_bytes(out: &Path, blob: &[u8], net: &TunnelNet) {
     let got = std::fs::read(out).expect("read download");
-    assert_eq!(got.len(), blob.len(), "download length\n{}", logs(net));
+    assert_eq!(
+        got.len(),
+        blob.len(),
+        "download length\n{}",
+        net.agent_logs_and_metrics()
+    );
     assert_eq!(
         Sha256::digest(&got),
         Sha256::digest(blob),
         "download checksum\n{}",
-        logs(net)
+        net.agent_logs_and_metrics()
     );
 }
 
@@ -151,7 +137,7 @@ fn wait_for<T>(
         assert!(
             Instant::now() < deadline,
             "{what} not within {within:?}\n{}",
-            logs(net)
+            net.agent_logs_and_metrics()
         );
         std::thread::sleep(Duration::from_millis(250));
     }
@@ -253,7 +239,7 @@ fn network_key_encrypts_bundles_end_to_end_and_a_tampered_byte_is_rejected() {
         &["--retry", "30", "--retry-all-errors", "--retry-delay", "1"],
     );
     if let Err(e) = command::run(&mut download) {
-        panic!("download failed: {e}\n{}", logs(&net));
+        panic!("download failed: {e}\n{}", net.agent_logs_and_metrics());
     }
     assert_same_bytes(&out, &blob, &net);
     let m = net.agent(2).expect("agent 2").metrics().expect("metrics");
@@ -299,7 +285,7 @@ fn a_get_hanging_for_one_senders_keys_does_not_delay_another_sender() {
         "n2 -> n3 while n1's GETs hang: {:?} unanswered\n{}\n{}",
         free.unanswered(10),
         free.raw,
-        logs(&net)
+        net.agent_logs_and_metrics()
     );
     assert_eq!(
         stalled.received, 0,
@@ -369,7 +355,7 @@ fn a_403_on_a_listed_key_is_counted_and_the_bundle_is_delivered_once_lifted() {
         m.sum("hoshino_ingress_packets_total"),
         (BUNDLES * PACKETS) as f64,
         "every packet is delivered once the 403s stop\n{}",
-        logs(&net)
+        net.agent_logs_and_metrics()
     );
 }
 
@@ -391,7 +377,10 @@ fn s3_server_restarted_mid_transfer_loses_nothing_tcp_cannot_retransmit() {
         .args(["--retry", "30", "--retry-all-errors", "--retry-delay", "1"])
         .arg(format!("http://[{}]:8080/ready", addr(&net, 2)));
     if let Err(e) = command::run(&mut ready) {
-        panic!("http.server not reachable: {e}\n{}", logs(&net));
+        panic!(
+            "http.server not reachable: {e}\n{}",
+            net.agent_logs_and_metrics()
+        );
     }
     // No curl retries: a second attempt from scratch would hide a broken transfer.
     let mut cmd = curl(&net, 1, 2, &out, &["--limit-rate", "400K"]);
@@ -403,7 +392,10 @@ fn s3_server_restarted_mid_transfer_loses_nothing_tcp_cannot_retransmit() {
         &net,
         || {
             if let Ok(Some(status)) = download.try_wait() {
-                panic!("curl ended ({status}) before the restart\n{}", logs(&net));
+                panic!(
+                    "curl ended ({status}) before the restart\n{}",
+                    net.agent_logs_and_metrics()
+                );
             }
             let len = std::fs::metadata(&out).map(|m| m.len()).unwrap_or(0);
             (len >= 256 * 1024).then_some(len)
@@ -419,7 +411,10 @@ fn s3_server_restarted_mid_transfer_loses_nothing_tcp_cannot_retransmit() {
         if Instant::now() > deadline {
             let _ = download.kill();
             let _ = download.wait();
-            panic!("the download did not finish\n{}", logs(&net));
+            panic!(
+                "the download did not finish\n{}",
+                net.agent_logs_and_metrics()
+            );
         }
         std::thread::sleep(Duration::from_millis(200));
     };
@@ -435,7 +430,7 @@ fn s3_server_restarted_mid_transfer_loses_nothing_tcp_cannot_retransmit() {
     assert!(
         status.success(),
         "curl {status} after the restart ({partial} bytes before it): {stderr}\n{}",
-        logs(&net)
+        net.agent_logs_and_metrics()
     );
     assert!(
         (partial as usize) < blob.len(),

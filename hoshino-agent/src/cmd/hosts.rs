@@ -66,28 +66,13 @@ pub fn hosts_lines(d: &Directory, domain: &DnsDomain) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::net::Ipv6Addr;
-
-    use hoshino_agent::directory::record::NodeRecord;
-    use hoshino_agent::node_addr::NodeId;
-
     use super::*;
-
-    fn record(node: u64, name: &str) -> NodeRecord {
-        NodeRecord {
-            node: NodeId(node),
-            name: name.parse().expect("name"),
-            addr: Ipv6Addr::from((0xfd00u128 << 112) | u128::from(node)),
-            agent_version: "0.1.0".into(),
-            started_at: 0,
-            refreshed_at: 0,
-        }
-    }
+    use crate::cmd::peers::tests::record;
 
     #[test]
     fn each_node_is_a_hosts_line_and_collisions_are_comments() {
         let d = Directory::new(
-            vec![record(1, "web"), record(2, "db"), record(3, "web")],
+            vec![record(1, "web", 0), record(2, "db", 0), record(3, "web", 0)],
             vec![],
             0,
         );

@@ -16,6 +16,7 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 pub mod addr;
 pub mod attach;
+pub mod columns;
 pub mod config_file;
 pub mod detach;
 pub mod hosts;

@@ -16,7 +16,7 @@ use hoshino_agent::tunnel::load_network_key;
 use serde::Serialize;
 
 use super::tunnel::S3Args;
-use super::{EXIT_RUNTIME, config_error};
+use super::{EXIT_RUNTIME, columns, config_error};
 
 #[derive(Debug, Clone, Args)]
 pub struct PeersArgs {
@@ -202,27 +202,11 @@ pub fn table(d: &Directory, now: UnixMillis) -> String {
             if e.stale { "yes" } else { "no" }.to_string(),
         ]);
     }
-    let mut widths = [0usize; 5];
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.len());
-        }
-    }
-    let mut out = String::new();
-    for row in &rows {
-        let cells: Vec<String> = row
-            .iter()
-            .zip(widths)
-            .map(|(cell, w)| format!("{cell:<w$}"))
-            .collect();
-        out.push_str(cells.join("  ").trim_end());
-        out.push('\n');
-    }
-    out
+    columns::aligned(&rows)
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::net::Ipv6Addr;
 
     use hoshino_agent::directory::record::NodeRecord;
@@ -230,7 +214,9 @@ mod tests {
 
     use super::*;
 
-    fn record(node: u64, name: &str, refreshed_at: UnixMillis) -> NodeRecord {
+    /// The record the directory commands' tests build on (`peers`, `hosts`): node `node` at
+    /// `fd00::<node>`, agent version 0.1.0, started at 0.
+    pub(crate) fn record(node: u64, name: &str, refreshed_at: UnixMillis) -> NodeRecord {
         NodeRecord {
             node: NodeId(node),
             name: name.parse().expect("name"),

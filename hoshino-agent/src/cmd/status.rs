@@ -8,8 +8,8 @@ use hoshino_agent::control::report::StatusReport;
 use hoshino_agent::control::socket::query;
 use hoshino_agent::directory::unix_millis_now;
 
-use super::EXIT_RUNTIME;
 use super::tunnel::StateArgs;
+use super::{EXIT_RUNTIME, columns};
 
 #[derive(Debug, Clone, Args)]
 pub struct StatusArgs {
@@ -92,20 +92,6 @@ pub fn summary(r: &StatusReport, now: u64) -> String {
             }),
         ]);
     }
-    let mut widths = [0usize; 6];
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.len());
-        }
-    }
-    for row in &rows {
-        let cells: Vec<String> = row
-            .iter()
-            .zip(widths)
-            .map(|(cell, w)| format!("{cell:<w$}"))
-            .collect();
-        out.push_str(cells.join("  ").trim_end());
-        out.push('\n');
-    }
+    out.push_str(&columns::aligned(&rows));
     out
 }

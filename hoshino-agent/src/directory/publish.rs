@@ -71,19 +71,14 @@ mod tests {
     use super::*;
     use crate::directory::read::read_directory;
     use crate::metrics::S3Op;
-    use crate::node_addr::NodeId;
     use crate::store::memory_store::MemoryStore;
 
     fn publisher(store: MemoryStore) -> Publisher<MemoryStore> {
         Publisher {
             store,
             record: NodeRecord {
-                node: NodeId(9),
-                name: "edge".parse().expect("name"),
-                addr: std::net::Ipv6Addr::from((0xfd00u128 << 112) | 9),
-                agent_version: "0.1.0".into(),
                 started_at: 1_000,
-                refreshed_at: 1_000,
+                ..NodeRecord::sample(9, "edge", 1_000)
             },
             key: None,
         }

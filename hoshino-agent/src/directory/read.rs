@@ -77,12 +77,8 @@ mod tests {
 
     fn record(node: u64, name: &str) -> NodeRecord {
         NodeRecord {
-            node: NodeId(node),
-            name: name.parse().expect("name"),
-            addr: std::net::Ipv6Addr::from((0xfd00u128 << 112) | u128::from(node)),
-            agent_version: "0.1.0".into(),
             started_at: 5,
-            refreshed_at: 10,
+            ..NodeRecord::sample(node, name, 10)
         }
     }
 

@@ -12,12 +12,9 @@
 
 use std::net::Ipv6Addr;
 
-use chacha20poly1305::aead::AeadInPlace;
-use chacha20poly1305::{Tag, XNonce};
-use rand::RngCore;
-
 use crate::node_addr::{NodeAddr, NodeId};
 use crate::wire::bundle::NetworkKey;
+use crate::wire::seal::{self, NONCE_LEN, OpenError, TAG_LEN};
 
 use super::name::{NameError, NodeName};
 
@@ -29,8 +26,6 @@ pub const MAX_RECORD_BYTES: usize = 512;
 /// Longest agent version string a record carries.
 pub const MAX_AGENT_VERSION_LEN: usize = 64;
 const FIELDS_LEN: usize = 16;
-const NONCE_LEN: usize = 24;
-const TAG_LEN: usize = 16;
 const AEAD_HEADER_LEN: usize = FIELDS_LEN + NONCE_LEN;
 /// address, started_at, refreshed_at.
 const BODY_FIXED_LEN: usize = 16 + 8 + 8;
@@ -84,6 +79,23 @@ pub enum RecordError {
     BadTimes { started: u64, refreshed: u64 },
     #[error("{0} trailing bytes after the agent version")]
     TrailingBytes(usize),
+}
+
+impl From<OpenError> for RecordError {
+    fn from(e: OpenError) -> RecordError {
+        match e {
+            OpenError::Truncated {
+                offset,
+                needed,
+                available,
+            } => RecordError::Truncated {
+                offset,
+                needed,
+                available,
+            },
+            OpenError::BadMac => RecordError::BadMac,
+        }
+    }
 }
 
 impl RecordError {
@@ -155,12 +167,9 @@ impl NodeRecord {
         match key {
             None => out.extend_from_slice(&body),
             Some(key) => {
-                let mut nonce = [0u8; NONCE_LEN];
-                rand::rng().fill_bytes(&mut nonce);
-                out.extend_from_slice(&nonce);
-                let tag = key
-                    .directory_cipher()
-                    .encrypt_in_place_detached(XNonce::from_slice(&nonce), &out, &mut body)
+                // Room for the nonce, which `seal` draws and writes.
+                out.resize(AEAD_HEADER_LEN, 0);
+                let tag = seal::seal(key.directory_cipher(), &mut out, &mut body)
                     .map_err(|_| RecordError::BadMac)?;
                 out.extend_from_slice(&body);
                 out.extend_from_slice(&tag);
@@ -197,28 +206,7 @@ impl NodeRecord {
             (VERSION_PLAIN, None) => input[FIELDS_LEN..].to_vec(),
             (VERSION_PLAIN, Some(_)) => return Err(RecordError::Unauthenticated),
             (_, None) => return Err(RecordError::NoKey),
-            (_, Some(key)) => {
-                let head = take(input, 0, AEAD_HEADER_LEN)?;
-                let tag_at = input
-                    .len()
-                    .checked_sub(TAG_LEN)
-                    .filter(|&t| t >= AEAD_HEADER_LEN)
-                    .ok_or(RecordError::Truncated {
-                        offset: AEAD_HEADER_LEN,
-                        needed: TAG_LEN,
-                        available: input.len() - AEAD_HEADER_LEN,
-                    })?;
-                let mut body = input[AEAD_HEADER_LEN..tag_at].to_vec();
-                key.directory_cipher()
-                    .decrypt_in_place_detached(
-                        XNonce::from_slice(&head[FIELDS_LEN..]),
-                        head,
-                        &mut body,
-                        Tag::from_slice(&input[tag_at..]),
-                    )
-                    .map_err(|_| RecordError::BadMac)?;
-                body
-            }
+            (_, Some(key)) => seal::open(key.directory_cipher(), input, AEAD_HEADER_LEN, 0)?,
         };
         if node != key_node {
             return Err(RecordError::NodeMismatch {
@@ -227,6 +215,22 @@ impl NodeRecord {
             });
         }
         parse_body(&body, node)
+    }
+}
+
+#[cfg(test)]
+impl NodeRecord {
+    /// The record the directory's and the name responder's unit tests build on: node `node` at
+    /// `fd00::<node>`, agent version 0.1.0, started at 0.
+    pub(crate) fn sample(node: u64, name: &str, refreshed_at: UnixMillis) -> NodeRecord {
+        NodeRecord {
+            node: NodeId(node),
+            name: name.parse().expect("name"),
+            addr: Ipv6Addr::from((0xfd00u128 << 112) | u128::from(node)),
+            agent_version: "0.1.0".into(),
+            started_at: 0,
+            refreshed_at,
+        }
     }
 }
 

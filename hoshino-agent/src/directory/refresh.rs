@@ -82,18 +82,10 @@ mod tests {
     use crate::directory::record::NodeRecord;
     use crate::directory::record_key;
     use crate::metrics::S3Op;
-    use crate::node_addr::NodeId;
     use crate::store::memory_store::MemoryStore;
 
     async fn publish(store: &MemoryStore, node: u64, name: &str) {
-        let r = NodeRecord {
-            node: NodeId(node),
-            name: name.parse().expect("name"),
-            addr: std::net::Ipv6Addr::from((0xfd00u128 << 112) | u128::from(node)),
-            agent_version: "0.1.0".into(),
-            started_at: 0,
-            refreshed_at: 0,
-        };
+        let r = NodeRecord::sample(node, name, 0);
         store
             .put(
                 &record_key(r.node),

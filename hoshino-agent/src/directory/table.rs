@@ -104,20 +104,16 @@ mod tests {
 
     const HOUR: u64 = 3_600_000;
 
-    fn record(node: u64, name: &str, refreshed_at: UnixMillis) -> NodeRecord {
-        NodeRecord {
-            node: NodeId(node),
-            name: name.parse().expect("name"),
-            addr: Ipv6Addr::from((0xfd00u128 << 112) | u128::from(node)),
-            agent_version: "0.1.0".into(),
-            started_at: 0,
-            refreshed_at,
-        }
-    }
-
     #[test]
     fn a_unique_name_resolves_to_its_address_in_any_case() {
-        let d = Directory::new(vec![record(1, "web", 0), record(2, "db", 0)], vec![], 0);
+        let d = Directory::new(
+            vec![
+                NodeRecord::sample(1, "web", 0),
+                NodeRecord::sample(2, "db", 0),
+            ],
+            vec![],
+            0,
+        );
         assert_eq!(
             d.resolve("DB"),
             Resolution::Address(Ipv6Addr::from((0xfd00u128 << 112) | 2))
@@ -128,7 +124,11 @@ mod tests {
     #[test]
     fn a_name_two_nodes_claim_resolves_to_neither_and_is_reported() {
         let d = Directory::new(
-            vec![record(1, "web", 0), record(2, "web", 0), record(3, "db", 0)],
+            vec![
+                NodeRecord::sample(1, "web", 0),
+                NodeRecord::sample(2, "web", 0),
+                NodeRecord::sample(3, "db", 0),
+            ],
             vec![],
             0,
         );
@@ -151,8 +151,8 @@ mod tests {
         let now = 100 * HOUR;
         let d = Directory::new(
             vec![
-                record(1, "fresh", now - HOUR),
-                record(2, "old", now - (stale_h + 1) * HOUR),
+                NodeRecord::sample(1, "fresh", now - HOUR),
+                NodeRecord::sample(2, "old", now - (stale_h + 1) * HOUR),
             ],
             vec![],
             now,

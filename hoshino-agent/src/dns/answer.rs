@@ -115,23 +115,13 @@ fn decide(
 
 #[cfg(test)]
 mod tests {
-    use std::net::Ipv6Addr;
-
     use hickory_proto::op::Query;
 
     use super::*;
     use crate::directory::record::NodeRecord;
-    use crate::node_addr::NodeId;
 
     fn directory() -> Directory {
-        let record = |node: u64, name: &str| NodeRecord {
-            node: NodeId(node),
-            name: name.parse().expect("name"),
-            addr: Ipv6Addr::from((0xfd00u128 << 112) | u128::from(node)),
-            agent_version: "0.1.0".into(),
-            started_at: 0,
-            refreshed_at: 0,
-        };
+        let record = |node: u64, name: &str| NodeRecord::sample(node, name, 0);
         Directory::new(
             vec![record(1, "web"), record(2, "db"), record(3, "db")],
             vec![],

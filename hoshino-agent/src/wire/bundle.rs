@@ -13,13 +13,14 @@
 use std::ops::Range;
 
 use bytes::Bytes;
-use chacha20poly1305::aead::{AeadInPlace, KeyInit};
-use chacha20poly1305::{Tag, XChaCha20Poly1305, XNonce};
+use chacha20poly1305::XChaCha20Poly1305;
+use chacha20poly1305::aead::KeyInit;
 use hkdf::Hkdf;
-use rand::RngCore;
 use sha2::Sha256;
 
 use crate::node_addr::NodeId;
+
+use super::seal::{self, NONCE_LEN, OpenError, TAG_LEN};
 
 pub const MAGIC: &[u8; 4] = b"HSB1";
 /// Plaintext bundles, written and read only without a network key.
@@ -31,8 +32,6 @@ pub const HEADER_LEN: usize = 48;
 /// Bytes a network key adds to a bundle over `HEADER_LEN` + packets: the v2 nonce (24) and the
 /// Poly1305 tag (16).
 pub const MAC_LEN: usize = NONCE_LEN + TAG_LEN;
-const NONCE_LEN: usize = 24;
-const TAG_LEN: usize = 16;
 /// The fields shared by both versions: magic, version, flags, reserved, sender, dest, session, seq.
 const FIELDS_LEN: usize = 40;
 /// v2's clear header: the fields and the nonce. This is the associated data.
@@ -86,6 +85,23 @@ pub enum BundleError {
     SenderMismatch { header: NodeId, key: NodeId },
     #[error("header destination {header} is not this node {us}")]
     WrongDestination { header: NodeId, us: NodeId },
+}
+
+impl From<OpenError> for BundleError {
+    fn from(e: OpenError) -> BundleError {
+        match e {
+            OpenError::Truncated {
+                offset,
+                needed,
+                available,
+            } => BundleError::Truncated {
+                offset,
+                needed,
+                available,
+            },
+            OpenError::BadMac => BundleError::BadMac,
+        }
+    }
 }
 
 impl BundleError {
@@ -238,15 +254,9 @@ impl BundleWriter {
             Some(key) => {
                 let (head, body) = self.buf.split_at_mut(AEAD_HEADER_LEN);
                 header.write_fields(VERSION_AEAD, &mut head[..FIELDS_LEN]);
-                let mut nonce = [0u8; NONCE_LEN];
-                rand::rng().fill_bytes(&mut nonce);
-                head[FIELDS_LEN..].copy_from_slice(&nonce);
                 body[0..4].copy_from_slice(&count);
                 body[4..8].fill(0);
-                let tag =
-                    key.aead
-                        .encrypt_in_place_detached(XNonce::from_slice(&nonce), head, body);
-                match tag {
+                match seal::seal(&key.aead, head, body) {
                     Ok(tag) => self.buf.extend_from_slice(&tag),
                     // Only a buffer beyond the cipher's 256 GiB limit fails; a writer never
                     // holds one (the caller bounds bundles at MAX_BUNDLE_BYTES).
@@ -369,25 +379,7 @@ pub fn decode(input: &[u8], key: Option<&NetworkKey>) -> Result<Bundle, BundleEr
         (VERSION_PLAIN, Some(_)) => Err(BundleError::Unauthenticated),
         (_, None) => Err(BundleError::NoKey),
         (_, Some(key)) => {
-            let head = take(input, 0, AEAD_HEADER_LEN)?;
-            let tag_at = input
-                .len()
-                .checked_sub(TAG_LEN)
-                .filter(|&t| t >= AEAD_HEADER_LEN + COUNT_LEN)
-                .ok_or(BundleError::Truncated {
-                    offset: AEAD_HEADER_LEN,
-                    needed: COUNT_LEN + TAG_LEN,
-                    available: input.len() - AEAD_HEADER_LEN,
-                })?;
-            let mut plaintext = input[AEAD_HEADER_LEN..tag_at].to_vec();
-            key.aead
-                .decrypt_in_place_detached(
-                    XNonce::from_slice(&head[FIELDS_LEN..]),
-                    head,
-                    &mut plaintext,
-                    Tag::from_slice(&input[tag_at..]),
-                )
-                .map_err(|_| BundleError::BadMac)?;
+            let plaintext = seal::open(&key.aead, input, AEAD_HEADER_LEN, COUNT_LEN)?;
             let packets = parse_records(&plaintext, 0)?;
             Ok(Bundle {
                 header,

@@ -3,13 +3,13 @@
 //! metrics, then removes everything it created.
 
 use std::net::IpAddr;
-use std::process::{ExitCode, Stdio};
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use hoshino_tests::command;
+use hoshino_tests::http_server::serve_directory;
 use hoshino_tests::ping::ping;
-use hoshino_tests::process::Spawned;
 use hoshino_tests::s3_backend::BackendKind;
 use hoshino_tests::tunnel_net::{NetOptions, TunnelNet};
 
@@ -82,24 +82,8 @@ fn run(args: Args) -> anyhow::Result<ExitCode> {
             n2.tunnel_addr
         ),
     )?;
-    let mut server = n2.ns.command("python3");
-    server
-        .args([
-            "-m",
-            "http.server",
-            "8080",
-            "--bind",
-            &n2.tunnel_addr.to_string(),
-            "--directory",
-        ])
-        .arg(&www)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    let _server = Spawned::new(
-        "http.server",
-        server.spawn().context("starting python3 http.server")?,
-    );
+    let _server = serve_directory(&n2.ns, n2.tunnel_addr, 8080, &www)
+        .context("starting python3 http.server")?;
     let url = format!("http://[{}]:8080/", n2.tunnel_addr);
     let start = Instant::now();
     let page = command::run(

@@ -8,12 +8,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use hoshino_tests::agent::METRICS_LISTEN;
 use hoshino_tests::binaries;
 use hoshino_tests::bpffs::PinRoot;
 use hoshino_tests::command;
 use hoshino_tests::netns::Namespace;
 use hoshino_tests::process::Spawned;
 use hoshino_tests::scratch::ScratchDir;
+use hoshino_tests::topology::Node;
+use hoshino_tests::tunnel_net::{AGENT_READY_TIMEOUT, TunnelNet};
 
 pub const CLIENT_V4: &str = "10.232.0.2";
 pub const SERVER_V4: &str = "10.232.0.1";
@@ -505,6 +508,35 @@ impl AttachedAgent {
             own_pins,
         };
         agent.wait_for_log(READY_LINE, 1, Duration::from_secs(30));
+        agent
+    }
+
+    /// An `attach` agent on `node` (its `eth0`) that also runs the tunnel through `net`'s S3
+    /// server, judging by `policy`; returns once the tunnel is up.
+    pub fn start_tunneled(net: &TunnelNet, node: &Node, policy: &Path) -> Self {
+        let endpoint = net.endpoint();
+        let machine_id = node.machine_id_file.display().to_string();
+        let mut agent = Self::start_configured(
+            &node.ns,
+            net.scratch(),
+            "eth0",
+            policy,
+            &[
+                "--bucket",
+                &endpoint.bucket,
+                "--endpoint-url",
+                &endpoint.url,
+                "--region",
+                &endpoint.region,
+                "--path-style",
+                "--machine-id-file",
+                &machine_id,
+                "--metrics-listen",
+                METRICS_LISTEN,
+            ],
+            |cmd| endpoint.apply_env(cmd),
+        );
+        agent.wait_for_log("tunnel up", 1, AGENT_READY_TIMEOUT);
         agent
     }
 
