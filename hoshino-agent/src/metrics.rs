@@ -72,15 +72,21 @@ pub enum DropReason {
     TunWriteFailed,
     SpoofedSource,
     WrongDestination,
+    /// A packet that would open a new stream faster than `NEW_STREAMS_PER_SECOND`.
+    NewDestinationRate,
+    /// A packet to one more destination while `MAX_DESTINATIONS` have bundles held.
+    TooManyDestinations,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 5] = [
+    pub const ALL: [DropReason; 7] = [
         DropReason::EgressBufferFull,
         DropReason::PutFailed,
         DropReason::TunWriteFailed,
         DropReason::SpoofedSource,
         DropReason::WrongDestination,
+        DropReason::NewDestinationRate,
+        DropReason::TooManyDestinations,
     ];
     pub fn as_str(self) -> &'static str {
         match self {
@@ -89,6 +95,8 @@ impl DropReason {
             DropReason::TunWriteFailed => "tun_write_failed",
             DropReason::SpoofedSource => "spoofed_source",
             DropReason::WrongDestination => "wrong_destination",
+            DropReason::NewDestinationRate => "new_destination_rate",
+            DropReason::TooManyDestinations => "too_many_destinations",
         }
     }
 }

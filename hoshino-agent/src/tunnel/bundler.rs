@@ -38,8 +38,19 @@
 //!
 //! Fewer than `puts_in_flight` PUTs run in total. Bytes held (open, sealed and in flight) are
 //! bounded by `buffer_bytes`; a packet that does not fit is refused and the caller counts it.
+//!
+//! Every address of the tunnel's /64 is a destination, and each new one costs a PUT and a bell
+//! PUT, so what a local user spraying addresses can make the agent hold and spend is bounded:
+//! - new streams open at most `NEW_STREAMS_PER_SECOND` (bursts of `NEW_STREAMS_BURST`); a packet
+//!   that would open one more is refused;
+//! - at most `MAX_DESTINATIONS` have a stream: at the limit the least recently active quarter of
+//!   those with nothing open, sealed or in flight is forgotten, and any such destination is
+//!   forgotten after `FORGET_AFTER` without traffic either way.
+//!
+//! A forgotten destination's next packet opens a new stream (another session, from seq 0, whose
+//! first PUT rings the bell), so no (session, seq) is ever used twice.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use crate::node_addr::NodeId;
@@ -94,12 +105,18 @@ impl Default for BundlerConfig {
 pub enum BundlerError {
     #[error("egress buffer full ({buffered} of {limit} bytes held)")]
     BufferFull { buffered: usize, limit: usize },
+    #[error("new destinations arrive faster than {per_second} per second")]
+    NewDestinationsTooFast { per_second: u32 },
+    #[error("all {limit} destinations with a stream have bundles held")]
+    TooManyDestinations { limit: usize },
 }
 
 /// A finished bundle ready for its PUT.
 #[derive(Debug)]
 pub struct Sealed {
     pub dest: NodeId,
+    /// The stream's session and the bundle's seq in it (both go into its key).
+    pub session: u64,
     pub seq: u64,
     pub packets: u32,
     /// Sum of the packets' lengths (what the egress byte counter counts).
@@ -116,15 +133,28 @@ struct Open {
     spacing: Duration,
 }
 
+/// This node's stream to one destination.
+#[derive(Clone, Copy, Debug)]
+struct Stream {
+    session: u64,
+    next_seq: u64,
+}
+
 #[derive(Debug)]
 pub struct Bundler {
     config: BundlerConfig,
     sender: NodeId,
     session: u64,
+    /// Streams opened so far (each takes the next session derived from `session`).
+    streams_opened: u64,
     key: Option<NetworkKey>,
     open: HashMap<NodeId, Open>,
     sealed: VecDeque<Sealed>,
-    next_seq: HashMap<NodeId, u64>,
+    streams: HashMap<NodeId, Stream>,
+    last_prune: Option<Instant>,
+    /// Token bucket of new streams, as of `new_streams_at`.
+    new_streams: f64,
+    new_streams_at: Option<Instant>,
     in_flight_per_dest: HashMap<NodeId, usize>,
     in_flight: usize,
     buffered: usize,
@@ -133,6 +163,16 @@ pub struct Bundler {
 
 /// Time constant of the load meter.
 pub const LOAD_WINDOW: Duration = Duration::from_millis(250);
+/// Destinations with a stream at once (see the module doc).
+pub const MAX_DESTINATIONS: usize = 4096;
+/// New streams opened per second at most, after a burst (see the module doc): a node talking to
+/// a fleet for the first time reaches 1,000 peers within 25 s.
+pub const NEW_STREAMS_PER_SECOND: u32 = 32;
+pub const NEW_STREAMS_BURST: u32 = 256;
+/// A destination idle this long, with nothing held for it, is forgotten.
+pub const FORGET_AFTER: Duration = Duration::from_secs(300);
+/// Quiet destinations are looked for at most this often (and whenever the streams are full).
+const PRUNE_EVERY: Duration = Duration::from_secs(10);
 /// Under load, a bundle's input has paused when no packet came for this many of its usual
 /// spacings (at least `gather`, at most `PAUSE_MAX`): BBR paces a flow's segments a few ms apart.
 const PAUSE_SPACINGS: u32 = 4;
@@ -177,10 +217,31 @@ impl Pace {
         self.load_at = now.max(self.load_at);
     }
 
+    /// The latest traffic either way, seal or PUT completion.
+    fn last_active(&self) -> Instant {
+        [self.last_sealed, self.last_done]
+            .into_iter()
+            .flatten()
+            .fold(self.load_at, Instant::max)
+    }
+
     /// Bytes per second exchanged lately.
     fn rate(&self, now: Instant) -> f64 {
         self.decayed(now) / LOAD_WINDOW.as_secs_f64()
     }
+}
+
+/// The session of the `n`th stream a bundler opens (from 0): `base`, the agent's random id, for
+/// the first, then `base` mixed with `n` (SplitMix64's finalizer), so streams opened again after
+/// being forgotten get sessions of their own, as distinct and unpredictable as `base`.
+fn session_number(base: u64, n: u64) -> u64 {
+    if n == 0 {
+        return base;
+    }
+    let mut z = base.wrapping_add(n.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 impl Bundler {
@@ -194,10 +255,14 @@ impl Bundler {
             config,
             sender,
             session,
+            streams_opened: 0,
             key,
             open: HashMap::new(),
             sealed: VecDeque::new(),
-            next_seq: HashMap::new(),
+            streams: HashMap::new(),
+            last_prune: None,
+            new_streams: f64::from(NEW_STREAMS_BURST),
+            new_streams_at: None,
             in_flight_per_dest: HashMap::new(),
             in_flight: 0,
             buffered: 0,
@@ -279,6 +344,9 @@ impl Bundler {
 
     /// Adds a packet for `dest`.
     pub fn push(&mut self, dest: NodeId, packet: &[u8], now: Instant) -> Result<(), BundlerError> {
+        if !self.streams.contains_key(&dest) {
+            self.admit_stream(now)?;
+        }
         let cost = BundleWriter::cost(packet.len());
         let needs_seal = self
             .open
@@ -301,6 +369,7 @@ impl Bundler {
             });
         }
         self.buffered += extra;
+        self.stream(dest);
         let capacity = (HEADER_LEN + self.mac_len() + cost).max(4096);
         let open = self.open.entry(dest).or_insert_with(|| Open {
             writer: BundleWriter::with_capacity(capacity),
@@ -341,20 +410,22 @@ impl Bundler {
             p.last_sealed = Some(now);
             p.heard = None;
         }
-        let seq = self.next_seq.entry(dest).or_insert(0);
+        let stream = self.stream(dest);
+        let (session, seq) = (stream.session, stream.next_seq);
+        stream.next_seq += 1;
         let header = BundleHeader {
             sender: self.sender,
             dest,
-            session: self.session,
-            seq: *seq,
+            session,
+            seq,
             more: full,
         };
-        *seq += 1;
         let packets = open.writer.packet_count();
         let packet_bytes = (open.writer.len() - HEADER_LEN - 4 * packets as usize) as u64;
         let body = open.writer.finish(&header, self.key.as_ref());
         self.sealed.push_back(Sealed {
             dest,
+            session: header.session,
             seq: header.seq,
             packets,
             packet_bytes,
@@ -362,19 +433,111 @@ impl Bundler {
         });
     }
 
-    /// The session this bundler numbers its bundles in.
-    pub fn session(&self) -> u64 {
-        self.session
+    /// `dest`'s stream, opened (in the next session) if it has none.
+    fn stream(&mut self, dest: NodeId) -> &mut Stream {
+        let next = session_number(self.session, self.streams_opened);
+        let opened = &mut self.streams_opened;
+        self.streams.entry(dest).or_insert_with(|| {
+            *opened += 1;
+            Stream {
+                session: next,
+                next_seq: 0,
+            }
+        })
     }
 
-    /// An empty bundle (`count == 0`) for `seq` of `dest`'s stream: the explicit "skip" a sender
-    /// publishes under a key whose PUT it gave up, so the receiver moves past it at once
-    /// instead of waiting for its gap timeout.
-    pub fn skip_marker(&self, dest: NodeId, seq: u64) -> Vec<u8> {
+    /// Makes room for one more stream at `now`, or says why there is none.
+    fn admit_stream(&mut self, now: Instant) -> Result<(), BundlerError> {
+        let elapsed = self
+            .new_streams_at
+            .map_or(0.0, |at| now.saturating_duration_since(at).as_secs_f64());
+        self.new_streams = (self.new_streams + elapsed * f64::from(NEW_STREAMS_PER_SECOND))
+            .min(f64::from(NEW_STREAMS_BURST));
+        self.new_streams_at = Some(self.new_streams_at.map_or(now, |at| at.max(now)));
+        if self.new_streams < 1.0 {
+            return Err(BundlerError::NewDestinationsTooFast {
+                per_second: NEW_STREAMS_PER_SECOND,
+            });
+        }
+        if self.streams.len() >= MAX_DESTINATIONS {
+            self.prune(now);
+        }
+        if self.streams.len() >= MAX_DESTINATIONS {
+            self.evict(MAX_DESTINATIONS / 4);
+        }
+        if self.streams.len() >= MAX_DESTINATIONS {
+            return Err(BundlerError::TooManyDestinations {
+                limit: MAX_DESTINATIONS,
+            });
+        }
+        self.new_streams -= 1.0;
+        Ok(())
+    }
+
+    /// Destinations with nothing open, sealed or in flight.
+    fn idle_destinations(&self) -> Vec<NodeId> {
+        let held: HashSet<NodeId> = self
+            .sealed
+            .iter()
+            .map(|s| s.dest)
+            .chain(self.open.keys().copied())
+            .chain(self.in_flight_per_dest.keys().copied())
+            .collect();
+        self.streams
+            .keys()
+            .chain(self.pace.keys())
+            .filter(|d| !held.contains(d))
+            .copied()
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect()
+    }
+
+    /// Forgets up to `n` of the least recently active destinations that hold nothing (a batch,
+    /// so that a spray of new addresses costs one sort per `n` of them, not one scan each).
+    fn evict(&mut self, n: usize) {
+        let mut idle: Vec<(Option<Instant>, NodeId)> = self
+            .idle_destinations()
+            .into_iter()
+            .filter(|d| self.streams.contains_key(d))
+            .map(|d| (self.pace.get(&d).map(Pace::last_active), d))
+            .collect();
+        idle.sort_unstable();
+        for (_, dest) in idle.into_iter().take(n) {
+            self.streams.remove(&dest);
+            self.pace.remove(&dest);
+        }
+    }
+
+    /// Destinations with a stream (see `MAX_DESTINATIONS`).
+    pub fn destinations(&self) -> usize {
+        self.streams.len()
+    }
+
+    /// Forgets every destination with nothing open, sealed or in flight and no traffic either
+    /// way for `FORGET_AFTER`: its stream and its pace.
+    fn prune(&mut self, now: Instant) {
+        self.last_prune = Some(now);
+        for dest in self.idle_destinations() {
+            let quiet = self
+                .pace
+                .get(&dest)
+                .is_none_or(|p| now.saturating_duration_since(p.last_active()) >= FORGET_AFTER);
+            if quiet {
+                self.streams.remove(&dest);
+                self.pace.remove(&dest);
+            }
+        }
+    }
+
+    /// An empty bundle (`count == 0`) for `seq` of `dest`'s stream in `session`: the explicit
+    /// "skip" a sender publishes under a key whose PUT it gave up, so the receiver moves past it
+    /// at once instead of waiting for its gap timeout.
+    pub fn skip_marker(&self, dest: NodeId, session: u64, seq: u64) -> Vec<u8> {
         let header = BundleHeader {
             sender: self.sender,
             dest,
-            session: self.session,
+            session,
             seq,
             more: false,
         };
@@ -384,6 +547,12 @@ impl Bundler {
     /// The next bundle to PUT, if the flush rules and the in-flight limit allow one now. The
     /// caller must report its completion with `put_done`.
     pub fn next_put(&mut self, now: Instant) -> Option<Sealed> {
+        if self
+            .last_prune
+            .is_none_or(|t| now.saturating_duration_since(t) >= PRUNE_EVERY)
+        {
+            self.prune(now);
+        }
         if self.in_flight >= self.config.puts_in_flight {
             return None;
         }
@@ -868,5 +1037,115 @@ mod tests {
         let s = b.next_put(t).unwrap();
         assert!(decode(&s.body, Some(&key)).is_ok());
         assert_eq!(b.buffered_bytes(), s.body.len());
+    }
+
+    /// Sends one packet to `dest` at `t` and completes its PUT; returns (session, seq).
+    fn send_one(b: &mut Bundler, dest: NodeId, t: Instant) -> (u64, u64) {
+        b.push(dest, &pkt(10), t).unwrap();
+        let s = b.next_put(t).unwrap();
+        assert_eq!(s.dest, dest);
+        b.put_done(dest, s.body.len());
+        b.put_succeeded(dest, Duration::from_millis(20), t);
+        (s.session, s.seq)
+    }
+
+    /// Opens streams to `dests` as fast as the new-stream rate allows from `t`; returns their
+    /// sessions and the time after the last.
+    fn open_streams(
+        b: &mut Bundler,
+        dests: impl Iterator<Item = NodeId>,
+        t: Instant,
+    ) -> (Vec<u64>, Instant) {
+        let step = Duration::from_secs(1) / NEW_STREAMS_PER_SECOND;
+        let mut now = t;
+        let sessions = dests
+            .map(|d| {
+                now += step;
+                send_one(b, d, now).0
+            })
+            .collect();
+        (sessions, now)
+    }
+
+    fn dest(i: usize) -> NodeId {
+        NodeId(1_000 + i as u64)
+    }
+
+    #[test]
+    fn new_streams_open_at_a_bounded_rate_and_a_refused_packet_holds_nothing() {
+        let mut b = bundler(BundlerConfig::default());
+        let t = Instant::now();
+        for i in 0..NEW_STREAMS_BURST as usize {
+            send_one(&mut b, dest(i), t);
+        }
+        let sprayed = dest(NEW_STREAMS_BURST as usize);
+        assert_eq!(
+            b.push(sprayed, &pkt(10), t),
+            Err(BundlerError::NewDestinationsTooFast {
+                per_second: NEW_STREAMS_PER_SECOND
+            })
+        );
+        assert_eq!(b.buffered_bytes(), 0);
+        // Known destinations are not held to the rate.
+        assert_eq!(send_one(&mut b, dest(0), t).1, 1);
+        // A second later the bucket has refilled by the rate.
+        let later = t + Duration::from_secs(1);
+        for i in 0..NEW_STREAMS_PER_SECOND as usize {
+            send_one(&mut b, dest(1_000 + i), later);
+        }
+        assert!(b.push(sprayed, &pkt(10), later).is_err());
+    }
+
+    #[test]
+    fn destinations_are_bounded_and_a_forgotten_one_comes_back_in_a_new_session() {
+        let mut b = bundler(BundlerConfig::default());
+        let t = Instant::now();
+        let (sessions, now) = open_streams(&mut b, (0..MAX_DESTINATIONS).map(dest), t);
+        let distinct: HashSet<u64> = sessions.iter().copied().collect();
+        assert_eq!(
+            distinct.len(),
+            MAX_DESTINATIONS,
+            "every stream has a session"
+        );
+        assert_eq!(b.destinations(), MAX_DESTINATIONS);
+        // The newest destination talks again; then one address more: the least recently active
+        // quarter is forgotten, not the new address refused.
+        let newest = dest(MAX_DESTINATIONS - 1);
+        assert_eq!(send_one(&mut b, newest, now).1, 1);
+        let now = now + Duration::from_secs(1);
+        assert_eq!(send_one(&mut b, dest(MAX_DESTINATIONS), now).1, 0);
+        assert_eq!(
+            b.destinations(),
+            MAX_DESTINATIONS - MAX_DESTINATIONS / 4 + 1
+        );
+        assert_eq!(
+            send_one(&mut b, newest, now),
+            (sessions[MAX_DESTINATIONS - 1], 2)
+        );
+        // The oldest was forgotten: it starts over from seq 0 in a session no stream had.
+        let (session, seq) = send_one(&mut b, dest(0), now);
+        assert_eq!(seq, 0);
+        assert!(!distinct.contains(&session));
+        // And after FORGET_AFTER without traffic every quiet destination is forgotten.
+        let later = now + FORGET_AFTER;
+        send_one(&mut b, dest(0), later);
+        assert_eq!(b.destinations(), 1);
+    }
+
+    #[test]
+    fn a_destination_with_a_put_in_flight_is_not_forgotten() {
+        let mut b = bundler(BundlerConfig::default());
+        let t = Instant::now();
+        let (session, _) = send_one(&mut b, D1, t);
+        b.push(D1, &pkt(10), t).unwrap();
+        let hanging = b.next_put(t).unwrap();
+        assert_eq!((hanging.session, hanging.seq), (session, 1));
+        let (_, now) = open_streams(&mut b, (0..MAX_DESTINATIONS - 1).map(dest), t);
+        // D1 is the least recently active, and FORGET_AFTER has passed: still kept.
+        let later = now.max(t + FORGET_AFTER * 2);
+        send_one(&mut b, D2, later);
+        assert_eq!(b.destinations(), 2, "D1 (in flight) and D2");
+        b.put_done(D1, hanging.body.len());
+        assert_eq!(send_one(&mut b, D1, later), (session, 2));
     }
 }

@@ -18,7 +18,7 @@ use crate::edge::packet_io::PacketIo;
 use crate::metrics::{DropReason, IgnoreReason, Metrics};
 use crate::node_addr::{NodeAddr, NodeId};
 use crate::store::{S3Error, Store};
-use crate::tunnel::bundler::Bundler;
+use crate::tunnel::bundler::{Bundler, BundlerError};
 use crate::tunnel::outbox::{Action, Outbox, Outcome, PutId};
 
 /// Packets read per wake-up before the loop looks at flushes again.
@@ -164,9 +164,17 @@ impl<S: Store> Driver<S> {
     fn take_packet(&mut self, packet: &[u8]) {
         match classify(packet, &self.me) {
             Ok(dest) => {
-                if self.outbox.packet(dest, packet, clock::now()).is_err() {
-                    self.metrics.dropped(DropReason::EgressBufferFull, 1);
-                }
+                let reason = match self.outbox.packet(dest, packet, clock::now()) {
+                    Ok(()) => return,
+                    Err(BundlerError::BufferFull { .. }) => DropReason::EgressBufferFull,
+                    Err(BundlerError::NewDestinationsTooFast { .. }) => {
+                        DropReason::NewDestinationRate
+                    }
+                    Err(BundlerError::TooManyDestinations { .. }) => {
+                        DropReason::TooManyDestinations
+                    }
+                };
+                self.metrics.dropped(reason, 1);
             }
             Err(reason) => self.metrics.ignored(reason),
         }

@@ -43,6 +43,8 @@ struct InFlight {
     packets: u32,
     packet_bytes: u64,
     started: Instant,
+    /// The first bundle of its stream (seq 0): its receiver learns of the stream by the bell.
+    opens_stream: bool,
     /// The skip marker to write if the bundle's PUT fails; `None` once it is being written.
     skip: Option<Bytes>,
 }
@@ -97,12 +99,12 @@ impl Outbox {
     fn start_put(&mut self, s: Sealed, now: Instant) -> Action {
         let key = BundleKey {
             dest: s.dest,
-            session: self.bundler.session(),
+            session: s.session,
             seq: s.seq,
             sender: self.me,
         }
         .to_key();
-        let skip = Bytes::from(self.bundler.skip_marker(s.dest, s.seq));
+        let skip = Bytes::from(self.bundler.skip_marker(s.dest, s.session, s.seq));
         let id = PutId(self.next_id);
         self.next_id += 1;
         self.in_flight.insert(
@@ -114,6 +116,7 @@ impl Outbox {
                 packets: s.packets,
                 packet_bytes: s.packet_bytes,
                 started: now,
+                opens_stream: s.seq == 0,
                 skip: Some(skip),
             },
         );
@@ -147,7 +150,10 @@ impl Outbox {
             });
         }
         self.bells.prune(now);
-        if self.bells.put_succeeded(put.dest, put.started, now) {
+        // A stream opened again after its destination was forgotten rings too, however recently
+        // the old one rang: its receiver may be idle, and no probe knows the new session.
+        let due = self.bells.put_succeeded(put.dest, put.started, now);
+        if due || put.opens_stream {
             // Every ring names another seq, so the bell's ETag changes.
             self.queued.push_back(Action::Ring {
                 key: bell_key(put.dest),
@@ -190,6 +196,7 @@ mod tests {
     use super::*;
     use crate::tunnel::bundler::BundlerConfig;
     use crate::wire::bundle::decode;
+    use crate::wire::mailbox::parse_bundle_key;
     use std::time::Duration;
 
     const ME: NodeId = NodeId(1);
@@ -267,6 +274,61 @@ mod tests {
             Some(Outcome::Sent { .. })
         ));
         assert_eq!(o.poll(later), None, "rang again within the ring window");
+    }
+
+    /// Sends one packet to `dest` at `t` through its PUT; returns the key and whether it rang.
+    fn send_to(o: &mut Outbox, dest: NodeId, t: Instant) -> (String, bool) {
+        o.packet(dest, &pkt(10), t).unwrap();
+        let Some(Action::Put { id, key, .. }) = o.poll(t) else {
+            panic!("expected a PUT");
+        };
+        assert!(matches!(
+            o.put_done(id, true, t),
+            Some(Outcome::Sent { .. })
+        ));
+        let rang = match o.poll(t) {
+            Some(Action::Ring { key: bell, body }) => {
+                assert_eq!((bell, body), (bell_key(dest), Bytes::from(key.clone())));
+                true
+            }
+            None => false,
+            other => panic!("expected a ring or nothing, got {other:?}"),
+        };
+        (key, rang)
+    }
+
+    #[test]
+    fn a_stream_opened_again_after_its_destination_was_forgotten_rings_at_once() {
+        use crate::tunnel::bundler::{MAX_DESTINATIONS, NEW_STREAMS_PER_SECOND};
+        let mut o = outbox();
+        let t = Instant::now();
+        let others: Vec<NodeId> = (0..MAX_DESTINATIONS as u64 - 1)
+            .map(|i| NodeId(1_000 + i))
+            .collect();
+        let mut now = t;
+        for d in &others {
+            now += Duration::from_secs(1) / NEW_STREAMS_PER_SECOND;
+            send_to(&mut o, *d, now);
+        }
+        let (first, rang) = send_to(&mut o, DEST, now);
+        assert!(rang);
+        // Every other destination talks after DEST, so DEST is the least recently active when
+        // one address more needs a stream, and is forgotten.
+        let now = now + Duration::from_millis(10);
+        for d in &others {
+            send_to(&mut o, *d, now);
+        }
+        send_to(&mut o, NodeId(99_999), now + Duration::from_millis(10));
+        // DEST's next bundle opens a new stream: seq 0 of another session, rung although DEST's
+        // bell rang 30 ms ago.
+        let (key, rang) = send_to(&mut o, DEST, now + Duration::from_millis(20));
+        let (old, new) = (
+            parse_bundle_key(&first, DEST).unwrap(),
+            parse_bundle_key(&key, DEST).unwrap(),
+        );
+        assert_eq!(new.seq, 0);
+        assert_ne!(new.session, old.session);
+        assert!(rang);
     }
 
     #[test]
