@@ -438,3 +438,59 @@ fn s3_server_restarted_mid_transfer_loses_nothing_tcp_cannot_retransmit() {
     );
     assert_same_bytes(&out, &blob, &net);
 }
+
+/// A local user (uid 1000, no privilege) sprays one datagram at each of 3,000 addresses of the
+/// tunnel's /64. Every address is a destination and each new one would cost a PUT and a bell
+/// PUT: the agent opens new streams at a bounded rate (32 per second after a burst of 256) and
+/// counts the rest as dropped, and a peer the agent never talked to is still reached afterwards.
+#[test]
+fn a_local_user_spraying_tunnel_addresses_gets_a_bounded_number_of_puts() {
+    let net = TunnelNet::start(BackendKind::S3sFs, 2, &NetOptions::default())
+        .unwrap_or_else(|e| panic!("testbed: {e}"));
+    let metrics = |index: u8| net.agent(index).expect("agent").metrics().expect("metrics");
+    let puts = |index: u8| metrics(index).sum_where("hoshino_s3_requests_total", &[("op", "put")]);
+    let before = puts(1);
+    let seg = addr(&net, 1).segments();
+    let prefix = format!("{:x}:{:x}:{:x}:{:x}", seg[0], seg[1], seg[2], seg[3]);
+    let spray = format!(
+        "import socket\n\
+         s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)\n\
+         for i in range(3000):\n    \
+             s.sendto(b'x', ('{prefix}:5eed:%x:%x:%x' % (i >> 32, (i >> 16) & 0xffff, i & 0xffff), 9))\n"
+    );
+    let started = Instant::now();
+    // The system's interpreter: a per-user one (pyenv under /root) is not for uid 1000 to run.
+    let python = ["/usr/bin/python3", "/usr/local/bin/python3"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .unwrap_or("python3");
+    let mut cmd = net.command_in(1, "setpriv").expect("node 1");
+    cmd.args(["--reuid=1000", "--regid=1000", "--clear-groups", python])
+        .args(["-c", &spray]);
+    command::run(&mut cmd).unwrap_or_else(|e| panic!("spraying: {e}"));
+    let refused = wait_for(
+        Duration::from_secs(30),
+        "the agent counting the refused destinations",
+        &net,
+        || {
+            let n = metrics(1).sum_where(
+                "hoshino_dropped_packets_total",
+                &[("reason", "new_destination_rate")],
+            );
+            (n >= 1_000.0).then_some(n)
+        },
+    );
+    // Let what was admitted be PUT, then count: a bundle and a ring per admitted stream at most.
+    std::thread::sleep(Duration::from_secs(3));
+    let admitted = 256.0 + 32.0 * started.elapsed().as_secs_f64();
+    let spent = puts(1) - before;
+    assert!(
+        spent <= 2.0 * admitted + 10.0,
+        "{spent} PUTs for {admitted:.0} admitted streams ({refused} refused)\n{}",
+        net.agent_logs_and_metrics()
+    );
+    // Each datagram opened a stream or was refused; at most `admitted` opened one.
+    assert!(refused >= 3_000.0 - admitted, "{refused} refused");
+    // Node 1 never talked to node 2 before: a new stream, admitted once the rate allows.
+    assert_every_reply(&net, 1, 2, 3);
+}
