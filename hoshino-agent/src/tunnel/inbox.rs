@@ -1327,6 +1327,17 @@ mod tests {
         now
     }
 
+    /// Runs an idle inbox to its next bell poll, which must be its only action; returns when.
+    fn next_idle_poll(inbox: &mut Inbox) -> Instant {
+        let due = inbox.next_deadline().expect("an idle inbox polls its bell");
+        let actions = all(inbox, due);
+        assert!(
+            matches!(actions[..], [Action::ReadBell(BellRead::Poll)]),
+            "{actions:?}"
+        );
+        due
+    }
+
     #[test]
     fn a_put_of_ours_makes_an_idle_inbox_look_at_once() {
         let keys = vec![(key_of(PEER, 0).to_key(), 100)];
@@ -1354,12 +1365,7 @@ mod tests {
         let (mut inbox, t, _) = started(listing(&[]), Cursor::default());
         let idle = idled(&mut inbox, t);
         // Unchanged (still no bell): one GET per idle poll, nothing else.
-        let due = inbox.next_deadline().expect("an idle inbox polls its bell");
-        let actions = all(&mut inbox, due);
-        assert!(
-            matches!(actions[..], [Action::ReadBell(BellRead::Poll)]),
-            "{actions:?}"
-        );
+        let due = next_idle_poll(&mut inbox);
         inbox.bell_read(BellRead::Poll, Ok(None), due);
         assert!(inbox.is_idle());
         assert!(all(&mut inbox, due).is_empty());
@@ -1367,12 +1373,7 @@ mod tests {
         assert!(due > idle);
         // A sender rang it after writing its bundle 0: the answer to that same poll wakes the
         // node and probes exactly that key, with no further bell request before it.
-        let due = inbox.next_deadline().expect("an idle inbox polls its bell");
-        let actions = all(&mut inbox, due);
-        assert!(
-            matches!(actions[..], [Action::ReadBell(BellRead::Poll)]),
-            "{actions:?}"
-        );
+        let due = next_idle_poll(&mut inbox);
         let rung = key_of(PEER, 0).to_key();
         inbox.bell_read(
             BellRead::Poll,
@@ -1397,12 +1398,7 @@ mod tests {
     fn an_idle_poll_that_fails_wakes_the_inbox_rather_than_miss_a_ring() {
         let (mut inbox, t, _) = started(listing(&[]), Cursor::default());
         idled(&mut inbox, t);
-        let due = inbox.next_deadline().expect("an idle inbox polls its bell");
-        let actions = all(&mut inbox, due);
-        assert!(
-            matches!(actions[..], [Action::ReadBell(BellRead::Poll)]),
-            "{actions:?}"
-        );
+        let due = next_idle_poll(&mut inbox);
         let unavailable = S3Error::Request {
             op: "GET",
             key: "bell".into(),
@@ -1431,12 +1427,7 @@ mod tests {
         idled(&mut inbox, t);
         let mut wakes = 0;
         for _ in 0..3 {
-            let now = inbox.next_deadline().expect("an idle inbox polls its bell");
-            let actions = all(&mut inbox, now);
-            assert!(
-                matches!(actions[..], [Action::ReadBell(BellRead::Poll)]),
-                "{actions:?}"
-            );
+            let now = next_idle_poll(&mut inbox);
             inbox.bell_read(BellRead::Poll, Err(oversized()), now);
             if !inbox.is_idle() {
                 wakes += 1;
