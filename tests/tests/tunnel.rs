@@ -368,8 +368,9 @@ on_both_servers!(
     forged_and_malformed_objects_are_rejected_deleted_and_the_tunnel_survives,
 );
 
-/// DESIGN.md "Waking an idle receiver cheaply": once idle, a node makes no LIST at all, only a
-/// doorbell HEAD per second, and a ping still wakes the peer and gets every reply.
+/// DESIGN.md "Waking an idle receiver cheaply": once idle, a node makes no LIST (nor HEAD or
+/// PUT) at all, only a doorbell GET per second, and a ping still wakes the peer and gets every
+/// reply.
 #[test]
 fn idle_nodes_only_poll_the_doorbell_and_wake_when_pinged() {
     let net = start(BackendKind::S3sFs);
@@ -402,19 +403,20 @@ fn idle_nodes_only_poll_the_doorbell_and_wake_when_pinged() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let (lists, heads) = (count("list"), count("head"));
+    let others = || [count("list"), count("head"), count("put")];
+    let (quiet, gets) = (others(), count("get"));
     std::thread::sleep(Duration::from_secs(4));
-    let (lists_after, heads_after) = (count("list"), count("head"));
+    let (quiet_after, gets_after) = (others(), count("get"));
     assert_eq!(
-        lists,
-        lists_after,
-        "no LIST while idle\n{}",
+        quiet,
+        quiet_after,
+        "no LIST, HEAD or PUT while idle\n{}",
         net.agent_logs()
     );
-    for (before, after) in heads.iter().zip(&heads_after) {
+    for (before, after) in gets.iter().zip(&gets_after) {
         assert!(
             after - before >= 2.0,
-            "doorbell HEADs while idle: {before} -> {after}"
+            "doorbell GETs while idle: {before} -> {after}"
         );
     }
     assert_every_reply(&net, 1, 2, 3);
