@@ -344,7 +344,8 @@ impl Bundler {
 
     /// Adds a packet for `dest`.
     pub fn push(&mut self, dest: NodeId, packet: &[u8], now: Instant) -> Result<(), BundlerError> {
-        if !self.streams.contains_key(&dest) {
+        let new_stream = !self.streams.contains_key(&dest);
+        if new_stream {
             self.admit_stream(now)?;
         }
         let cost = BundleWriter::cost(packet.len());
@@ -369,7 +370,10 @@ impl Bundler {
             });
         }
         self.buffered += extra;
-        self.stream(dest);
+        if new_stream {
+            // Counted from now, so unsealed bundles to new addresses cannot pass the limit.
+            self.stream(dest);
+        }
         let capacity = (HEADER_LEN + self.mac_len() + cost).max(4096);
         let open = self.open.entry(dest).or_insert_with(|| Open {
             writer: BundleWriter::with_capacity(capacity),
@@ -435,12 +439,13 @@ impl Bundler {
 
     /// `dest`'s stream, opened (in the next session) if it has none.
     fn stream(&mut self, dest: NodeId) -> &mut Stream {
-        let next = session_number(self.session, self.streams_opened);
+        let base = self.session;
         let opened = &mut self.streams_opened;
         self.streams.entry(dest).or_insert_with(|| {
+            let session = session_number(base, *opened);
             *opened += 1;
             Stream {
-                session: next,
+                session,
                 next_seq: 0,
             }
         })

@@ -434,16 +434,26 @@ impl Inbox {
             BellRead::Poll => {
                 self.bell_pending = false;
                 let (changed, bell) = match bell {
-                    Ok(bell) => {
+                    Ok(None) => {
                         self.bell_oversized = false;
-                        let etag = bell.as_ref().map(|(etag, _)| etag.as_str());
-                        (etag != self.bell_etag.as_deref(), bell)
+                        let changed = self.bell_etag.is_some();
+                        self.bell_etag = None;
+                        (changed, None)
+                    }
+                    Ok(Some(bell)) => {
+                        self.bell_oversized = false;
+                        (
+                            self.bell_etag.as_deref() != Some(bell.0.as_str()),
+                            Some(bell),
+                        )
                     }
                     // Not a bell we wrote (any node may ring any bell): a change once, not on
                     // every poll, or one write of it would keep the node LISTing for good.
                     Err(S3Error::TooLarge { .. }) => {
                         (!std::mem::replace(&mut self.bell_oversized, true), None)
                     }
+                    // The baseline stays: the next poll that reads the bell compares with it, so
+                    // a transient error costs one wake, not two.
                     Err(_) => (true, None),
                 };
                 if !changed {
@@ -452,9 +462,8 @@ impl Inbox {
                 }
                 self.list_wanted = true;
                 self.heartbeat.bell_done(now, true);
+                // Gone or unreadable: the LIST looks at the inbox.
                 let Some(bell) = bell else {
-                    // Gone (or unreadable): the LIST looks at the inbox.
-                    self.bell_etag = None;
                     return;
                 };
                 bell
@@ -1033,6 +1042,12 @@ mod tests {
                 .any(|a| matches!(a, Action::List { continuation: None })),
             "{actions:?}"
         );
+        // The first tick also checks the bell: no bell yet.
+        for a in actions {
+            if let Action::ReadBell(r) = a {
+                inbox.bell_read(r, Ok(None), t);
+            }
+        }
         inbox.listed(Ok(listed), t);
         let actions = all(&mut inbox, t);
         (inbox, t, actions)
@@ -1305,6 +1320,11 @@ mod tests {
 
     /// Answers every request with "nothing there" until the inbox goes idle; returns the time.
     fn idled(inbox: &mut Inbox, t: Instant) -> Instant {
+        idled_with_bell(inbox, t, None)
+    }
+
+    /// As `idled`, with the bell (ETag and body) answered as `bell`.
+    fn idled_with_bell(inbox: &mut Inbox, t: Instant, bell: Option<(String, Bytes)>) -> Instant {
         // Nothing found for longer than IDLE_AFTER: the inbox goes idle (settling HEAD + LIST).
         let mut now = t;
         let mut pending = true;
@@ -1315,9 +1335,11 @@ mod tests {
             pending = !actions.is_empty();
             for a in actions {
                 match a {
-                    Action::HeadBell(p) => inbox.bell_headed(p, Ok(None), now),
+                    Action::HeadBell(p) => {
+                        inbox.bell_headed(p, Ok(bell.as_ref().map(|b| b.0.clone())), now)
+                    }
                     Action::List { .. } => inbox.listed(Ok(listing(&[])), now),
-                    Action::ReadBell(r) => inbox.bell_read(r, Ok(None), now),
+                    Action::ReadBell(r) => inbox.bell_read(r, Ok(bell.clone()), now),
                     Action::Get(g) => inbox.got(g, Ok(None), now),
                     _ => {}
                 }
@@ -1414,6 +1436,48 @@ mod tests {
             actions.iter().any(|a| matches!(a, Action::List { .. })),
             "{actions:?}"
         );
+    }
+
+    #[test]
+    fn a_failed_idle_poll_keeps_the_bells_baseline_so_an_unchanged_bell_wakes_nothing_more() {
+        let bell = Some(("\"e1\"".to_string(), Bytes::from_static(b"not a key")));
+        let (mut inbox, t, _) = started(listing(&[]), Cursor::default());
+        idled_with_bell(&mut inbox, t, bell.clone());
+        let due = next_idle_poll(&mut inbox);
+        let unavailable = S3Error::Request {
+            op: "GET",
+            key: "bell".into(),
+            message: "connection reset".into(),
+            code: None,
+            status: None,
+            retryable: true,
+        };
+        inbox.bell_read(BellRead::Poll, Err(unavailable), due);
+        for a in all(&mut inbox, due) {
+            if let Action::List { .. } = a {
+                inbox.listed(Ok(listing(&[])), due);
+            }
+        }
+        // Until the next periodic LIST (LIST_EVERY after the wake's), the only LIST would be one
+        // wanted because the bell changed. The bell check reads the same bell as before the
+        // error, so there is none.
+        let mut now = due;
+        let mut checked = false;
+        while let Some(next) = inbox.next_deadline().filter(|d| *d < due + LIST_EVERY) {
+            now = next.max(now + ms(1));
+            for a in all(&mut inbox, now) {
+                match a {
+                    Action::ReadBell(BellRead::Check) => {
+                        inbox.bell_read(BellRead::Check, Ok(bell.clone()), now);
+                        checked = true;
+                    }
+                    Action::List { .. } => panic!("a LIST {:?} after the wake", now - due),
+                    Action::Get(g) => inbox.got(g, Ok(None), now),
+                    _ => {}
+                }
+            }
+        }
+        assert!(checked, "an active inbox checks its bell");
     }
 
     #[test]
