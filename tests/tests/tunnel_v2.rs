@@ -7,6 +7,7 @@
 //! Timeouts are generous limits for a loaded 2-core machine, never measurements.
 
 use std::net::{IpAddr, Ipv6Addr};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
@@ -162,6 +163,8 @@ fn network_key_encrypts_bundles_end_to_end_and_a_tampered_byte_is_rejected() {
         .unwrap_or_else(|e| panic!("testbed: {e}"));
     let key_file = net.scratch().join("network.key");
     std::fs::write(&key_file, b"a shared network key for the e2e test\n").expect("key file");
+    // The agent refuses a key file that group or others may read.
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
     let key_arg = key_file.to_str().expect("utf-8 path").to_owned();
     let key_args = ["--network-key-file", key_arg.as_str()];
     net.start_agents(&key_args)

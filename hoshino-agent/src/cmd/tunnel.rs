@@ -77,6 +77,7 @@ pub struct S3Args {
     pub s3_max_attempts: u32,
     /// File holding the network key (16+ bytes): bundles are then encrypted and authenticated
     /// (format v2, XChaCha20-Poly1305) and plaintext ones rejected [default: none, plaintext].
+    /// It must be owned by root or the agent's user and private (`chmod 600`).
     #[arg(
         long,
         env = "HOSHINO_NETWORK_KEY_FILE",

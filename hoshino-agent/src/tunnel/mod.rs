@@ -210,7 +210,15 @@ impl TunnelConfig {
 }
 
 /// The network key: the file's bytes, one trailing newline ignored; at least 16 bytes.
+///
+/// Whoever reads the key can decrypt and forge every bundle of the network, and whoever can
+/// replace the file chooses the key. So, as OpenSSH does with a private key, the file must be
+/// owned by root or by the user running the agent and must grant nothing to group or others
+/// (checked on the opened file, so a swapped path cannot pass the check and be read after).
 pub fn load_network_key(path: Option<&std::path::Path>) -> Result<Option<NetworkKey>, TunnelError> {
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+
     let Some(path) = path else {
         return Ok(None);
     };
@@ -218,7 +226,14 @@ pub fn load_network_key(path: Option<&std::path::Path>) -> Result<Option<Network
         path: path.to_path_buf(),
         reason,
     };
-    let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+    let mut file = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
+    let meta = file.metadata().map_err(|e| err(e.to_string()))?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    key_file_safety(meta.mode(), meta.uid(), euid).map_err(err)?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes)
+        .map_err(|e| err(e.to_string()))?;
     let bytes = bytes.strip_suffix(b"\n").unwrap_or(&bytes);
     NetworkKey::new(bytes).map(Some).ok_or_else(|| {
         err(format!(
@@ -226,6 +241,26 @@ pub fn load_network_key(path: Option<&std::path::Path>) -> Result<Option<Network
             bytes.len()
         ))
     })
+}
+
+/// Why a key file with `mode` owned by `owner` must not be used by a process running as `euid`.
+fn key_file_safety(mode: u32, owner: u32, euid: u32) -> Result<(), String> {
+    if mode & libc::S_IFMT != libc::S_IFREG {
+        return Err("not a regular file".to_owned());
+    }
+    if owner != 0 && owner != euid {
+        return Err(format!(
+            "owned by uid {owner}, neither root nor this process's uid {euid}: that user could \
+             replace the key"
+        ));
+    }
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "mode {:04o} lets group or others read or change it; run chmod 600 on it",
+            mode & 0o7777
+        ));
+    }
+    Ok(())
 }
 
 /// A running tunnel.
@@ -504,4 +539,62 @@ pub async fn run(
 fn rand_session() -> u64 {
     let u = ulid::Ulid::new();
     (u.0 as u64) ^ ((u.0 >> 64) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    const REG: u32 = libc::S_IFREG;
+
+    #[test]
+    fn a_key_file_must_be_private_and_owned_by_root_or_the_agents_user() {
+        assert_eq!(key_file_safety(REG | 0o600, 0, 0), Ok(()));
+        assert_eq!(key_file_safety(REG | 0o400, 1000, 1000), Ok(()));
+        assert_eq!(
+            key_file_safety(REG | 0o600, 0, 1000),
+            Ok(()),
+            "root's file, read by a user"
+        );
+        for mode in [0o644, 0o640, 0o604, 0o660, 0o602, 0o610] {
+            let e = key_file_safety(REG | mode, 0, 0).unwrap_err();
+            assert!(
+                e.contains(&format!("{mode:04o}")) && e.contains("chmod 600"),
+                "{e}"
+            );
+        }
+        let e = key_file_safety(REG | 0o600, 1000, 0).unwrap_err();
+        assert!(e.contains("uid 1000"), "{e}");
+        let e = key_file_safety(libc::S_IFDIR | 0o700, 0, 0).unwrap_err();
+        assert!(e.contains("regular"), "{e}");
+    }
+
+    #[test]
+    fn a_key_file_readable_by_others_is_refused_and_a_private_one_loads() {
+        let dir = std::env::temp_dir().join(format!("hoshino-key-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("network.key");
+        std::fs::write(&path, b"sixteen bytes or more\n").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let refused = load_network_key(Some(&path));
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let loaded = load_network_key(Some(&path));
+        std::fs::write(&path, b"short\n").unwrap();
+        let short = load_network_key(Some(&path));
+        let _ = std::fs::remove_dir_all(&dir);
+        match refused {
+            Err(TunnelError::KeyFile { reason, .. }) => {
+                assert!(reason.contains("0644"), "{reason}")
+            }
+            other => panic!(
+                "a 0644 key file was not refused: {:?}",
+                other.map(|k| k.is_some())
+            ),
+        }
+        assert!(matches!(loaded, Ok(Some(_))));
+        assert!(
+            matches!(short, Err(TunnelError::KeyFile { reason, .. }) if reason.contains("5 bytes"))
+        );
+    }
 }
