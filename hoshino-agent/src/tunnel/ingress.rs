@@ -149,6 +149,7 @@ impl<S: Store, T: PacketIo> Ingress<S, T> {
                 });
             }
             Action::Get(get) => {
+                tracing::debug!(key = get.key, "inbox get start");
                 d.requests.spawn(async move {
                     let result = store.get(&get.key, get.limit(), get.lookup).await;
                     Done::Get(get, result)
@@ -203,6 +204,15 @@ impl<S: Store, T: PacketIo> Ingress<S, T> {
                 {
                     self.warn(d, e);
                 }
+                tracing::debug!(
+                    key = get.key,
+                    result = match &r {
+                        Ok(Some(body)) => body.len() as i64,
+                        Ok(None) => -1,
+                        Err(_) => -2,
+                    },
+                    "inbox get done"
+                );
                 inbox.got(get, r, now);
             }
         }
@@ -303,6 +313,7 @@ async fn write_tun<T: PacketIo>(
                 }
             }
             // After the whole bundle: what the local stack sends in reply is in the TUN now.
+            tracing::debug!(key = r.key, bytes = r.body.len(), "bundle written");
             let _ = heard.try_send(Heard {
                 from: sender,
                 bytes: r.body.len(),

@@ -105,6 +105,12 @@ impl Outbox {
         }
         .to_key();
         let skip = Bytes::from(self.bundler.skip_marker(s.dest, s.session, s.seq));
+        tracing::debug!(
+            key,
+            bytes = s.body.len(),
+            packets = s.packets,
+            "bundle sealed"
+        );
         let id = PutId(self.next_id);
         self.next_id += 1;
         self.in_flight.insert(
@@ -142,6 +148,14 @@ impl Outbox {
             return None;
         }
         let put = self.in_flight.remove(&id)?;
+        tracing::debug!(
+            key = put.key,
+            bytes = put.body_len,
+            ok,
+            took_us = u64::try_from(now.saturating_duration_since(put.started).as_micros())
+                .unwrap_or(u64::MAX),
+            "bundle put done"
+        );
         self.bundler.put_done(put.dest, put.body_len);
         if put.skip.is_none() {
             // This was the skip marker (whatever its result): the bundle is dropped.
