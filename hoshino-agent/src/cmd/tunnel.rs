@@ -167,7 +167,7 @@ pub struct TunnelArgs {
     pub bundle_load_rate: u64,
     /// Under load, after a reply from its destination arrived, a bundle leaves once no packet
     /// came for this long, or for 4 of its usual packet spacings if longer (at most 10 ms; BBR
-    /// paces segments apart), and at the latest `--bundle-reply-wait` PUT latencies after the
+    /// paces segments apart), and at the latest `--bundle-reply-hold` PUT latencies after the
     /// reply.
     #[arg(long, env = "HOSHINO_BUNDLE_GATHER", help_heading = "Bundling", value_name = "DURATION",
           default_value_t = duration(BundlerConfig::default().gather))]
@@ -177,6 +177,12 @@ pub struct TunnelArgs {
     #[arg(long, env = "HOSHINO_BUNDLE_REPLY_WAIT", help_heading = "Bundling", value_name = "PUTS",
           default_value_t = BundlerConfig::default().reply_wait)]
     pub bundle_reply_wait: u32,
+    /// Under load, PUT latencies (EWMA) after a reply from its destination that a bundle whose
+    /// input never pauses (many flows, a paced one) keeps filling (within 2-250 ms). More makes
+    /// larger bundles of many flows; every millisecond is added to a paced flow's round trip.
+    #[arg(long, env = "HOSHINO_BUNDLE_REPLY_HOLD", help_heading = "Bundling", value_name = "PUTS",
+          default_value_t = BundlerConfig::default().reply_hold)]
+    pub bundle_reply_hold: u32,
     /// Under load, the least time between two bundles to a destination that are not full (0:
     /// off). Fewer PUTs per GiB where the round trip is shorter than the pace, at the price of
     /// throughput and of up to this much latency under load: a knob for cost over speed.
@@ -280,6 +286,7 @@ impl TunnelArgs {
                 load_rate: self.bundle_load_rate,
                 gather: self.bundle_gather.into(),
                 reply_wait: self.bundle_reply_wait,
+                reply_hold: self.bundle_reply_hold,
                 pace: self.bundle_pace.into(),
                 max_age: self.bundle_max_age.into(),
                 puts_per_dest: self.puts_per_dest,
