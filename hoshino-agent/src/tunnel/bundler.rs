@@ -329,7 +329,7 @@ impl Bundler {
         let hold = latencies(self.config.reply_hold);
         // Once its input has paused after `t`: a window-limited flow's burst has ended then,
         // while a flow that is not (many flows, a paced sender) keeps filling the bundle, up to
-        // `wait` after `t`.
+        // `hold` after `t`.
         let quiet = |t: Instant| {
             let from = t.max(open.oldest);
             let pause = (open.spacing * PAUSE_SPACINGS).clamp(gather, PAUSE_MAX.max(gather));

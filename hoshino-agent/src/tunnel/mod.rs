@@ -217,7 +217,7 @@ impl TunnelConfig {
 /// (checked on the opened file, so a swapped path cannot pass the check and be read after).
 pub fn load_network_key(path: Option<&std::path::Path>) -> Result<Option<NetworkKey>, TunnelError> {
     use std::io::Read;
-    use std::os::unix::fs::MetadataExt;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 
     let Some(path) = path else {
         return Ok(None);
@@ -226,7 +226,12 @@ pub fn load_network_key(path: Option<&std::path::Path>) -> Result<Option<Network
         path: path.to_path_buf(),
         reason,
     };
-    let mut file = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
+    // Non-blocking, so a FIFO in its place is refused below instead of hanging the start.
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| err(e.to_string()))?;
     let meta = file.metadata().map_err(|e| err(e.to_string()))?;
     // SAFETY: geteuid has no preconditions and cannot fail.
     let euid = unsafe { libc::geteuid() };
@@ -568,6 +573,8 @@ mod tests {
         assert!(e.contains("uid 1000"), "{e}");
         let e = key_file_safety(libc::S_IFDIR | 0o700, 0, 0).unwrap_err();
         assert!(e.contains("regular"), "{e}");
+        let e = key_file_safety(libc::S_IFIFO | 0o600, 0, 0).unwrap_err();
+        assert!(e.contains("regular"), "{e}");
     }
 
     #[test]
@@ -582,7 +589,16 @@ mod tests {
         let loaded = load_network_key(Some(&path));
         std::fs::write(&path, b"short\n").unwrap();
         let short = load_network_key(Some(&path));
+        let fifo = dir.join("fifo.key");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let from_fifo = load_network_key(Some(&fifo));
         let _ = std::fs::remove_dir_all(&dir);
+        assert!(
+            matches!(from_fifo, Err(TunnelError::KeyFile { ref reason, .. }) if reason.contains("regular")),
+            "a FIFO is refused without blocking"
+        );
         match refused {
             Err(TunnelError::KeyFile { reason, .. }) => {
                 assert!(reason.contains("0644"), "{reason}")
