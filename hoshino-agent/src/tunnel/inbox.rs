@@ -53,6 +53,13 @@ const HOT_DEPTH: u64 = 2;
 /// While active, the bell is read this often (a GET-class request): a changed bell names a new
 /// stream, found faster than by a LIST.
 const BELL_EVERY_ACTIVE: Duration = Duration::from_millis(500);
+/// After a PUT of ours that starts an exchange (none in the last `EXPECT_REPLY`), while no
+/// stream is hot, the bell is read this often, `FAST_BELL_READS` times: a peer that answers in a
+/// stream we do not know yet (its first bundle to us, or its first after a restart) is found by
+/// its ring within about a GET instead of up to `BELL_EVERY_ACTIVE` later. Bounded per exchange,
+/// so a one-way flow that keeps PUTting pays for them once.
+const BELL_EVERY_EXPECTING: Duration = Duration::from_millis(50);
+const FAST_BELL_READS: u32 = 8;
 /// A bell body is a bundle key (90 bytes); anything much larger is not a bell we wrote.
 pub const BELL_MAX_BYTES: usize = 1024;
 /// How long after a PUT of ours every known stream is probed (a reply is likely).
@@ -194,6 +201,8 @@ pub struct Inbox {
     last_hit: HashMap<StreamId, Instant>,
     probes: ProbeSchedule,
     expect_until: Option<Instant>,
+    /// Bell reads left at `BELL_EVERY_EXPECTING` in this exchange.
+    fast_bell_reads: u32,
     found: bool,
     bell_etag: Option<String>,
     /// An active-mode bell check is in flight.
@@ -251,6 +260,7 @@ impl Inbox {
             last_hit: HashMap::new(),
             probes: ProbeSchedule::default(),
             expect_until: None,
+            fast_bell_reads: 0,
             found: false,
             bell_etag: None,
             reading_bell: false,
@@ -357,10 +367,24 @@ impl Inbox {
                 if list_due {
                     self.start_list(now);
                 }
+                let fast = self.fast_bell_reads > 0
+                    && self.expect_until.is_some_and(|t| now < t)
+                    && !self
+                        .last_hit
+                        .values()
+                        .any(|h| now.saturating_duration_since(*h) < HOT_WITHIN);
+                let every = if fast {
+                    BELL_EVERY_EXPECTING
+                } else {
+                    BELL_EVERY_ACTIVE
+                };
                 let bell_due = self
                     .last_bell_check
-                    .is_none_or(|t| now.saturating_duration_since(t) >= BELL_EVERY_ACTIVE);
-                if bell_due {
+                    .is_none_or(|t| now.saturating_duration_since(t) >= every);
+                if bell_due && !self.reading_bell {
+                    if fast {
+                        self.fast_bell_reads -= 1;
+                    }
                     self.read_bell(now);
                 }
                 let was_idle = self.heartbeat.is_idle();
@@ -502,6 +526,9 @@ impl Inbox {
     pub fn sent(&mut self, now: Instant) {
         self.heartbeat.hurry(now);
         self.probes.hurry(now);
+        if self.expect_until.is_none_or(|t| now >= t) {
+            self.fast_bell_reads = FAST_BELL_READS;
+        }
         self.expect_until = Some(now + EXPECT_REPLY);
     }
 
@@ -1499,5 +1526,83 @@ mod tests {
             }
         }
         assert_eq!(wakes, 1);
+    }
+
+    /// Runs an active inbox with nothing in it from `from` to `until`, calling `sent` at each of
+    /// `sends`, and returns when it checked its bell.
+    fn bell_checks(
+        inbox: &mut Inbox,
+        from: Instant,
+        until: Instant,
+        sends: &[Instant],
+    ) -> Vec<Instant> {
+        let mut checks = Vec::new();
+        let mut pending: Vec<Instant> = sends.to_vec();
+        let mut now = from;
+        while now < until {
+            while pending.first().is_some_and(|s| *s <= now) {
+                inbox.sent(pending.remove(0));
+            }
+            for a in all(inbox, now) {
+                match a {
+                    Action::ReadBell(r) => {
+                        if r == BellRead::Check {
+                            checks.push(now);
+                        }
+                        inbox.bell_read(r, Ok(None), now);
+                    }
+                    Action::List { .. } => inbox.listed(Ok(listing(&[])), now),
+                    Action::HeadBell(p) => inbox.bell_headed(p, Ok(None), now),
+                    Action::Get(g) => inbox.got(g, Ok(None), now),
+                    _ => {}
+                }
+            }
+            let next = [inbox.next_deadline(), pending.first().copied()]
+                .into_iter()
+                .flatten()
+                .min()
+                .unwrap_or(until);
+            now = next.max(now + ms(1));
+        }
+        checks
+    }
+
+    #[test]
+    fn a_put_that_starts_an_exchange_reads_the_bell_soon_so_a_reply_in_a_new_stream_is_found_fast()
+    {
+        let (mut inbox, t, _) = started(listing(&[]), Cursor::default());
+        // The start read the bell at `t`; a PUT of ours 100 ms later starts an exchange.
+        let sent = t + ms(100);
+        let checks = bell_checks(&mut inbox, t + ms(1), sent + ms(450), &[sent]);
+        let soon = checks
+            .iter()
+            .filter(|c| **c > sent && **c <= sent + ms(300))
+            .count();
+        assert!(
+            soon >= 2,
+            "bell checks after the PUT: {:?}",
+            checks.iter().map(|c| *c - sent).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn a_one_way_flow_pays_for_fast_bell_reads_once_per_exchange() {
+        let (mut inbox, t, _) = started(listing(&[]), Cursor::default());
+        // A PUT every 100 ms for 4 s: one exchange, never a reply.
+        let sends: Vec<Instant> = (1..=40).map(|i| t + ms(100 * i)).collect();
+        let checks = bell_checks(&mut inbox, t + ms(1), t + ms(4_100), &sends);
+        // FAST_BELL_READS, then one per BELL_EVERY_ACTIVE (8 in 4 s), and a spare.
+        let most = FAST_BELL_READS as usize + 8 + 1;
+        assert!(
+            checks.len() <= most,
+            "{} bell checks: {:?}",
+            checks.len(),
+            checks.iter().map(|c| *c - t).collect::<Vec<_>>()
+        );
+        assert!(
+            checks.len() > 8,
+            "the fast reads happened: {}",
+            checks.len()
+        );
     }
 }
