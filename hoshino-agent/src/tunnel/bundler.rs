@@ -133,6 +133,8 @@ pub struct Sealed {
     /// Sum of the packets' lengths (what the egress byte counter counts).
     pub packet_bytes: u64,
     pub body: Vec<u8>,
+    /// One of its packets may draw an answer (see `Bundler::push_packet`).
+    pub expects_answer: bool,
 }
 
 #[derive(Debug)]
@@ -142,6 +144,7 @@ struct Open {
     newest: Instant,
     /// EWMA of the time between its packets: a paced sender's gaps are not a pause.
     spacing: Duration,
+    expects_answer: bool,
 }
 
 /// This node's stream to one destination.
@@ -356,8 +359,20 @@ impl Bundler {
         self.in_flight
     }
 
-    /// Adds a packet for `dest`.
+    /// Adds a packet for `dest` that may draw an answer.
     pub fn push(&mut self, dest: NodeId, packet: &[u8], now: Instant) -> Result<(), BundlerError> {
+        self.push_packet(dest, packet, now, true)
+    }
+
+    /// Adds a packet for `dest`; `answered`: it may draw an answer (anything but an ICMPv6 echo
+    /// reply or error), so the PUT of its bundle makes the receive side expect one.
+    pub fn push_packet(
+        &mut self,
+        dest: NodeId,
+        packet: &[u8],
+        now: Instant,
+        answered: bool,
+    ) -> Result<(), BundlerError> {
         let new_stream = !self.streams.contains_key(&dest);
         if new_stream {
             self.admit_stream(now)?;
@@ -394,7 +409,9 @@ impl Bundler {
             oldest: now,
             newest: now,
             spacing: Duration::ZERO,
+            expects_answer: false,
         });
+        open.expects_answer |= answered;
         let gap = now.saturating_duration_since(open.newest);
         if gap < PAUSE_MAX {
             // Weight 1/8: a few packets' jitter does not make a pause (and a pause is none of
@@ -440,6 +457,7 @@ impl Bundler {
         };
         let packets = open.writer.packet_count();
         let packet_bytes = (open.writer.len() - HEADER_LEN - 4 * packets as usize) as u64;
+        let expects_answer = open.expects_answer;
         let body = open.writer.finish(&header, self.key.as_ref());
         self.sealed.push_back(Sealed {
             dest,
@@ -448,6 +466,7 @@ impl Bundler {
             packets,
             packet_bytes,
             body,
+            expects_answer,
         });
     }
 

@@ -52,6 +52,20 @@ pub fn classify(packet: &[u8], me: &NodeAddr) -> Result<NodeId, IgnoreReason> {
     Ok(dest)
 }
 
+/// Whether `packet` (an IPv6 packet `classify` accepted) may draw an answer from its
+/// destination. ICMPv6 echo replies and error messages never do (RFC 4443 forbids answering an
+/// error, and an echo reply ends its exchange); a PUT of only such packets does not make the
+/// receive side look for a reply, which for a ping cost a burst of probe GETs per echo answered.
+/// Anything else, extension headers included, is taken to draw one.
+pub fn draws_answer(packet: &[u8]) -> bool {
+    const ICMPV6: u8 = 58;
+    const ECHO_REPLY: u8 = 129;
+    match (packet.get(6), packet.get(40)) {
+        (Some(&ICMPV6), Some(&kind)) => !(kind < 128 || kind == ECHO_REPLY),
+        _ => true,
+    }
+}
+
 pub struct Egress<S, T> {
     pub tun: Arc<T>,
     pub store: S,
@@ -164,7 +178,8 @@ impl<S: Store> Driver<S> {
     fn take_packet(&mut self, packet: &[u8]) {
         match classify(packet, &self.me) {
             Ok(dest) => {
-                let reason = match self.outbox.packet(dest, packet, clock::now()) {
+                let answered = draws_answer(packet);
+                let reason = match self.outbox.packet(dest, packet, clock::now(), answered) {
                     Ok(()) => return,
                     Err(BundlerError::BufferFull { .. }) => DropReason::EgressBufferFull,
                     Err(BundlerError::NewDestinationsTooFast { .. }) => {
@@ -209,12 +224,15 @@ impl<S: Store> Driver<S> {
             Some(Outcome::Sent {
                 packets,
                 packet_bytes,
+                expects_answer,
             }) => {
                 self.metrics
                     .egress_packets
                     .fetch_add(u64::from(packets), Relaxed);
                 self.metrics.egress_bytes.fetch_add(packet_bytes, Relaxed);
-                self.sent.notify_one();
+                if expects_answer {
+                    self.sent.notify_one();
+                }
             }
             Some(Outcome::Dropped { packets }) => {
                 if let Err(e) = &done.result {
@@ -282,6 +300,28 @@ mod tests {
         p[8..24].copy_from_slice(&src.octets());
         p[24..40].copy_from_slice(&dst.octets());
         p
+    }
+
+    #[test]
+    fn only_icmpv6_echo_replies_and_errors_draw_no_answer() {
+        let m = me();
+        let dst = m.prefix.addr_of(NodeId(0xbeef));
+        let with = |next_header: u8, first: u8| {
+            let mut p = packet(m.ip(), dst, 8);
+            p[6] = next_header;
+            p[40] = first;
+            p
+        };
+        assert!(!draws_answer(&with(58, 129)), "echo reply");
+        for error in [1, 2, 3, 4, 127] {
+            assert!(!draws_answer(&with(58, error)), "ICMPv6 error {error}");
+        }
+        assert!(draws_answer(&with(58, 128)), "echo request");
+        assert!(draws_answer(&with(58, 135)), "neighbour solicitation");
+        assert!(draws_answer(&with(6, 129)), "TCP");
+        assert!(draws_answer(&with(17, 129)), "UDP");
+        assert!(draws_answer(&with(0, 129)), "behind an extension header");
+        assert!(draws_answer(&packet(m.ip(), dst, 0)), "no payload");
     }
 
     #[test]

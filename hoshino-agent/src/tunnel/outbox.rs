@@ -29,8 +29,13 @@ pub enum Action {
 /// What a finished PUT means for the counters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
-    /// The bundle is in the destination's inbox.
-    Sent { packets: u32, packet_bytes: u64 },
+    /// The bundle is in the destination's inbox; `expects_answer`: one of its packets may draw
+    /// an answer, so the receive side should look for one.
+    Sent {
+        packets: u32,
+        packet_bytes: u64,
+        expects_answer: bool,
+    },
     /// The bundle was given up; its skip marker was written (or tried) under the same key.
     Dropped { packets: u32 },
 }
@@ -47,6 +52,7 @@ struct InFlight {
     opens_stream: bool,
     /// The skip marker to write if the bundle's PUT fails; `None` once it is being written.
     skip: Option<Bytes>,
+    expects_answer: bool,
 }
 
 #[derive(Debug)]
@@ -77,14 +83,15 @@ impl Outbox {
         self.bundler.heard(peer, bytes, more, now);
     }
 
-    /// A packet for `dest` (already classified).
+    /// A packet for `dest` (already classified); `answered`: it may draw an answer.
     pub fn packet(
         &mut self,
         dest: NodeId,
         packet: &[u8],
         now: Instant,
+        answered: bool,
     ) -> Result<(), BundlerError> {
-        self.bundler.push(dest, packet, now)
+        self.bundler.push_packet(dest, packet, now, answered)
     }
 
     /// The next action due at `now`, if any.
@@ -124,6 +131,7 @@ impl Outbox {
                 started: now,
                 opens_stream: s.seq == 0,
                 skip: Some(skip),
+                expects_answer: s.expects_answer,
             },
         );
         Action::Put {
@@ -179,6 +187,7 @@ impl Outbox {
         Some(Outcome::Sent {
             packets: put.packets,
             packet_bytes: put.packet_bytes,
+            expects_answer: put.expects_answer,
         })
     }
 
@@ -243,10 +252,30 @@ mod tests {
 
     /// Pushes one packet and returns the PUT action it becomes.
     fn put_one(o: &mut Outbox, t: Instant) -> (PutId, String, Bytes) {
-        o.packet(DEST, &pkt(10), t).unwrap();
+        o.packet(DEST, &pkt(10), t, true).unwrap();
         match o.poll(t) {
             Some(Action::Put { id, key, body }) => (id, key, body),
             other => panic!("expected a PUT, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_bundle_expects_an_answer_when_any_of_its_packets_draws_one() {
+        let t = Instant::now();
+        for (answered, expected) in [(&[false, false][..], false), (&[false, true, false], true)] {
+            let mut o = outbox();
+            for a in answered {
+                o.packet(DEST, &pkt(10), t, *a).unwrap();
+            }
+            let Some(Action::Put { id, .. }) = o.poll(t) else {
+                panic!("expected a PUT");
+            };
+            match o.put_done(id, true, t + Duration::from_millis(20)) {
+                Some(Outcome::Sent { expects_answer, .. }) => {
+                    assert_eq!(expects_answer, expected, "{answered:?}");
+                }
+                other => panic!("expected Sent, got {other:?}"),
+            }
         }
     }
 
@@ -270,7 +299,8 @@ mod tests {
             o.put_done(id, true, done),
             Some(Outcome::Sent {
                 packets: 1,
-                packet_bytes: 50
+                packet_bytes: 50,
+                expects_answer: true,
             })
         );
         assert_eq!(
@@ -292,7 +322,7 @@ mod tests {
 
     /// Sends one packet to `dest` at `t` through its PUT; returns the key and whether it rang.
     fn send_to(o: &mut Outbox, dest: NodeId, t: Instant) -> (String, bool) {
-        o.packet(dest, &pkt(10), t).unwrap();
+        o.packet(dest, &pkt(10), t, true).unwrap();
         let Some(Action::Put { id, key, .. }) = o.poll(t) else {
             panic!("expected a PUT");
         };

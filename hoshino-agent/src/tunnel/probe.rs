@@ -18,7 +18,15 @@
 //!   again at once, so a reply is found within about one GET of landing (what a round trip's
 //!   latency is made of), and a reply that never comes costs a bounded number of GETs.
 //!   Streams with a cadence keep their pace: a sender busy talking to us (a bulk transfer's data
-//!   or ACKs) is followed by finds, and hurrying it on every PUT of ours would only add misses.
+//!   or ACKs) is followed by finds, and hurrying it on every PUT of ours would only add misses;
+//! - a stream whose finds come at a steady interval (`PERIOD_FINDS` in a row within
+//!   `1 / PERIOD_TOLERANCE` of it, up to `PERIOD_WITHIN` apart: a ping, a keepalive, a poll) has
+//!   a period, which predicts its next bundle more closely than a cadence: it is probed from
+//!   `margin` before the predicted find (four times the period's jitter, at least
+//!   `PERIOD_MARGIN_MIN`, at most a quarter period), each miss again at once until `margin`
+//!   after it. Between windows the spacing stays at most `MAX_GAP` (so a packet off the period
+//!   waits no longer than on any quiet stream) and never overshoots the next window's start. A
+//!   `ping` (one a second) was otherwise found by that spacing: 1.5-1.8x the floor at express.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -44,6 +52,15 @@ pub const CADENCE_WITHIN: Duration = Duration::from_millis(250);
 /// the next one: a request and its reply (a TCP handshake, an HTTP GET) are two or three finds
 /// that predict nothing, and waiting on their "interval" delayed the next packet.
 pub const CADENCE_FINDS: u32 = 4;
+/// Finds at most this far apart can form a period (see the module doc); a stream quieter than
+/// that goes idle soon anyway (`IDLE_AFTER`).
+pub const PERIOD_WITHIN: Duration = Duration::from_millis(2500);
+/// Intervals in a row that agree with the period before it predicts the next find.
+pub const PERIOD_FINDS: u32 = 3;
+/// An interval agrees with the period when within `1 / PERIOD_TOLERANCE` of it.
+const PERIOD_TOLERANCE: u32 = 8;
+/// Least margin around a period's predicted find (timer and GET jitter).
+pub const PERIOD_MARGIN_MIN: Duration = Duration::from_millis(10);
 
 #[derive(Clone, Copy, Debug, Default)]
 struct StreamProbe {
@@ -59,6 +76,43 @@ struct StreamProbe {
     caught_up: bool,
     /// Finds in a row within `CADENCE_WITHIN` of each other.
     run: u32,
+    /// EWMA of the intervals between finds while they agree (see `PERIOD_TOLERANCE`).
+    period: Option<Duration>,
+    /// EWMA of how far each agreeing interval was from the period.
+    period_jitter: Duration,
+    /// Intervals in a row that agreed with the period.
+    period_run: u32,
+}
+
+impl StreamProbe {
+    /// A period's window around the predicted next find: `(start, end)`.
+    fn period_window(&self) -> Option<(Instant, Instant)> {
+        let period = self.period.filter(|_| self.period_run >= PERIOD_FINDS)?;
+        let due = self.last_find? + period;
+        let margin = (self.period_jitter * 4)
+            .max(PERIOD_MARGIN_MIN)
+            .min(period / 4);
+        Some((due - margin, due + margin))
+    }
+
+    /// Takes the interval `d` between two finds into the period.
+    fn track_period(&mut self, d: Duration) {
+        match self.period {
+            Some(p) if d.abs_diff(p) <= p / PERIOD_TOLERANCE && d < PERIOD_WITHIN => {
+                self.period_jitter = (self.period_jitter * 3 + d.abs_diff(p)) / 4;
+                self.period = Some((p * 3 + d) / 4);
+                self.period_run = self.period_run.saturating_add(1);
+            }
+            _ => {
+                // Bundles back to back are probed for at once anyway (`PROBE_AHEAD_WITHIN`).
+                self.period = (PROBE_AHEAD_WITHIN..PERIOD_WITHIN)
+                    .contains(&d)
+                    .then_some(d);
+                self.period_jitter = Duration::ZERO;
+                self.period_run = 0;
+            }
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -98,6 +152,22 @@ impl ProbeSchedule {
             p.not_before = None;
             return;
         }
+        if let Some((start, end)) = p.period_window()
+            && now <= end
+        {
+            p.not_before = if now >= start {
+                p.gap = Duration::ZERO;
+                None
+            } else {
+                p.gap = if p.gap.is_zero() {
+                    MIN_GAP
+                } else {
+                    (p.gap * 2).min(MAX_GAP)
+                };
+                Some((now + p.gap).min(start))
+            };
+            return;
+        }
         // A stream with a cadence is not due before its last find + its interval: wait until
         // shortly before then, and from then on probe it closely (the gap restarts).
         if let (Some(last), Some(interval)) = (p.last_find, p.interval) {
@@ -126,6 +196,7 @@ impl ProbeSchedule {
         let p = self.streams.entry(stream).or_default();
         if let Some(prev) = p.last_find {
             let d = now.saturating_duration_since(prev);
+            p.track_period(d);
             p.interval = (d < CADENCE_WITHIN).then(|| match p.interval {
                 // Weight 1/4: follows a change of the sender's pace within a few bundles.
                 Some(i) => (i * 3 + d) / 4,
@@ -148,6 +219,19 @@ impl ProbeSchedule {
             .interval
             .filter(|i| p.caught_up && p.run >= CADENCE_FINDS && *i >= PROBE_AHEAD_WITHIN)
             .map(|i| now + i - i / 4);
+        // A periodic stream we are caught up with is next probed at its window, or after
+        // `MAX_GAP` when the window is further off (a packet off the period, a keystroke between
+        // two pings, waits no longer than before). A short period is waited for as a cadence is.
+        if p.caught_up
+            && let (Some(period), Some((start, _))) = (p.period, p.period_window())
+            && start > now
+        {
+            p.not_before = Some(if period < CADENCE_WITHIN {
+                start
+            } else {
+                start.min(now + MAX_GAP)
+            });
+        }
         p.caught_up = false;
     }
 
@@ -310,13 +394,18 @@ mod tests {
     fn a_stream_with_a_cadence_that_misses_early_waits_until_its_next_bundle_is_due() {
         let t = Instant::now();
         let mut p = ProbeSchedule::default();
-        for i in 0..5 {
-            p.hit(S, t + ms(200 * i));
+        // Intervals of 180 and 220 ms: a cadence of about 200 ms, too uneven for a period.
+        let finds = [0, 180, 400, 580, 800];
+        for at in finds {
+            p.hit(S, t + ms(at));
         }
+        let interval = [220, 180, 220]
+            .into_iter()
+            .fold(ms(180), |i, d| (i * 3 + ms(d)) / 4);
         let last = t + ms(800);
         // Probed at once after the find; it missed: the next bundle is due at ~200 ms.
         p.missed(S, last + ms(5));
-        assert_eq!(p.not_before(S), Some(last + ms(150)));
+        assert_eq!(p.not_before(S), Some(last + interval - interval / 4));
         // Around the expected time it is probed closely, without the doubling.
         for at in [150, 160, 170, 180, 190, 200, 210, 220, 230, 240] {
             p.missed(S, last + ms(at));
@@ -326,6 +415,87 @@ mod tests {
         p.missed(S, last + ms(260));
         p.missed(S, last + ms(266));
         assert_eq!(p.not_before(S), Some(last + ms(276)));
+    }
+
+    /// Finds of `S` every `period` ms, `n` of them, each after a miss (we keep up with it).
+    fn periodic(p: &mut ProbeSchedule, t: Instant, period: u64, n: u64) -> Instant {
+        for i in 0..n {
+            if i > 0 {
+                p.missed(S, t + ms(period * i - 1));
+            }
+            p.hit(S, t + ms(period * i));
+        }
+        t + ms(period * (n - 1))
+    }
+
+    #[test]
+    fn a_periodic_stream_is_probed_closely_around_its_next_bundle_and_at_most_max_gap_apart_between()
+     {
+        let t = Instant::now();
+        let mut p = ProbeSchedule::default();
+        let last = periodic(&mut p, t, 1000, 5);
+        // The window is PERIOD_MARGIN_MIN either side of last + 1 s (no jitter).
+        assert_eq!(
+            p.not_before(S),
+            Some(last + MAX_GAP),
+            "off-period packets still found"
+        );
+        let mut now = last + MAX_GAP;
+        let mut probes = 0;
+        while now < last + ms(990) {
+            p.missed(S, now);
+            probes += 1;
+            let next = p.not_before(S).expect("spaced before the window");
+            assert!(next - now <= MAX_GAP, "a gap of {:?}", next - now);
+            now = next;
+        }
+        assert_eq!(now, last + ms(990), "no gap overshoots the window");
+        assert!(probes <= 1000 / 40 + 4, "{probes} probes");
+        // In the window every miss is probed again at once.
+        for at in [990, 995, 1003, 1010] {
+            p.missed(S, last + ms(at));
+            assert_eq!(p.not_before(S), None, "at {at}");
+        }
+        // Past it, the usual spacing.
+        p.missed(S, last + ms(1011));
+        assert_eq!(p.not_before(S), Some(last + ms(1011) + MIN_GAP));
+        p.missed(S, last + ms(1016));
+        assert_eq!(p.not_before(S), Some(last + ms(1026)));
+    }
+
+    #[test]
+    fn a_short_period_is_waited_for_and_a_jittery_one_gets_a_wider_window() {
+        let t = Instant::now();
+        let mut p = ProbeSchedule::default();
+        let last = periodic(&mut p, t, 50, 6);
+        assert_eq!(
+            p.not_before(S),
+            Some(last + ms(40)),
+            "nothing before the window"
+        );
+        p.missed(S, last + ms(40));
+        assert_eq!(p.not_before(S), None);
+        // Intervals of 1000 +- 40 ms: the margin grows with the jitter (four times its EWMA).
+        let mut q = ProbeSchedule::default();
+        let mut at = 0;
+        for (i, d) in [0, 1040, 960, 1040, 960, 1040].into_iter().enumerate() {
+            at += d;
+            if i > 0 {
+                q.missed(S, t + ms(at - 1));
+            }
+            q.hit(S, t + ms(at));
+        }
+        let last = t + ms(at);
+        let window = q.streams[&S].period_window().expect("a period");
+        let due = last + q.streams[&S].period.expect("a period");
+        assert!(due - window.0 > ms(60), "margin {:?}", due - window.0);
+        assert!(due - window.0 <= ms(250), "at most a quarter period");
+        // Intervals that disagree by more than an eighth are no period.
+        let mut r = ProbeSchedule::default();
+        for at in [0, 1000, 1300, 2300, 2500] {
+            r.hit(S, t + ms(at));
+        }
+        assert!(r.streams[&S].period_window().is_none());
     }
 
     #[test]
