@@ -1020,11 +1020,24 @@ mod tests {
     }
 
     fn bundle_with(sender: NodeId, seq: u64, payload: usize, more: bool) -> Bytes {
+        bundle_packets(sender, seq, payload, 1, more)
+    }
+
+    /// A bundle of `sender`'s stream at `seq` with `packets` packets of `payload` bytes each.
+    fn bundle_packets(
+        sender: NodeId,
+        seq: u64,
+        payload: usize,
+        packets: usize,
+        more: bool,
+    ) -> Bytes {
         let mut p = vec![0u8; 40 + payload];
         p[0] = 0x60;
         p[4..6].copy_from_slice(&(payload as u16).to_be_bytes());
         let mut w = BundleWriter::new();
-        w.push(&p);
+        for _ in 0..packets {
+            w.push(&p);
+        }
         let header = BundleHeader {
             sender,
             dest: ME,
@@ -1192,30 +1205,11 @@ mod tests {
         assert_eq!(again[0].key, key_of(PEER, 1).to_key());
     }
 
-    /// A bundle of `sender`'s stream at `seq` with `packets` packets of 60,000 bytes each.
-    fn large_bundle(sender: NodeId, seq: u64, packets: usize) -> Bytes {
-        let mut p = vec![0u8; 40 + 60_000];
-        p[0] = 0x60;
-        p[4..6].copy_from_slice(&60_000u16.to_be_bytes());
-        let mut w = BundleWriter::new();
-        for _ in 0..packets {
-            w.push(&p);
-        }
-        let header = BundleHeader {
-            sender,
-            dest: ME,
-            session: SESSION,
-            seq,
-            more: false,
-        };
-        Bytes::from(w.finish(&header, None))
-    }
-
     #[test]
     fn a_probe_after_a_small_bundle_still_reserves_room_for_the_streams_recent_large_one() {
         let keys = vec![(key_of(PEER, 0).to_key(), 100)];
         let (mut inbox, mut t, actions) = started(listing(&keys), Cursor::default());
-        let large = large_bundle(PEER, 0, 50);
+        let large = bundle_packets(PEER, 0, 60_000, 50, false);
         assert!(large.len() > 2_900_000);
         inbox.got(gets(&actions)[0].clone(), Ok(Some(large.clone())), t);
         // A window, then its remainder: the next window must not be refused as "too large".
