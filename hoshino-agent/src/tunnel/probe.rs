@@ -26,7 +26,7 @@
 //!   `PERIOD_MARGIN_MIN`, at most a quarter period), each miss again `MIN_GAP` later until
 //!   `margin` after it. Between windows the spacing stays at most `MAX_GAP` (so a packet off the period
 //!   waits no longer than on any quiet stream) and never overshoots the next window's start. A
-//!   `ping` (one a second) was otherwise found by that spacing: 1.5-1.8x the floor at express.
+//!   `ping` (one a second) was otherwise found by that spacing: 1.5-2.0x the floor at express.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
