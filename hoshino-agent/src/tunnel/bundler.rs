@@ -365,7 +365,7 @@ impl Bundler {
     }
 
     /// Adds a packet for `dest`; `answered`: it may draw an answer (anything but an ICMPv6 echo
-    /// reply or error), so the PUT of its bundle makes the receive side expect one.
+    /// reply), so the PUT of its bundle makes the receive side expect one.
     pub fn push_packet(
         &mut self,
         dest: NodeId,

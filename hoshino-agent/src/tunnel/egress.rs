@@ -53,17 +53,17 @@ pub fn classify(packet: &[u8], me: &NodeAddr) -> Result<NodeId, IgnoreReason> {
 }
 
 /// Whether `packet` (an IPv6 packet `classify` accepted) may draw an answer from its
-/// destination. ICMPv6 echo replies and error messages never do (RFC 4443 forbids answering an
-/// error, and an echo reply ends its exchange); a PUT of only such packets does not make the
-/// receive side look for a reply, which for a ping cost a burst of probe GETs per echo answered.
-/// Anything else, extension headers included, is taken to draw one.
+/// destination. An ICMPv6 echo reply ends its exchange, so a PUT of only echo replies does not
+/// make the receive side look for a reply: for a ping that was a burst of probe GETs per echo
+/// answered. ICMPv6 errors are not exempt: a Packet Too Big is followed by the sender's
+/// retransmission. Anything else, extension headers included, is taken to draw one.
 pub fn draws_answer(packet: &[u8]) -> bool {
     const ICMPV6: u8 = 58;
     const ECHO_REPLY: u8 = 129;
-    match (packet.get(6), packet.get(40)) {
-        (Some(&ICMPV6), Some(&kind)) => !(kind < 128 || kind == ECHO_REPLY),
-        _ => true,
-    }
+    !matches!(
+        (packet.get(6), packet.get(40)),
+        (Some(&ICMPV6), Some(&ECHO_REPLY))
+    )
 }
 
 pub struct Egress<S, T> {
@@ -303,7 +303,7 @@ mod tests {
     }
 
     #[test]
-    fn only_icmpv6_echo_replies_and_errors_draw_no_answer() {
+    fn only_icmpv6_echo_replies_draw_no_answer() {
         let m = me();
         let dst = m.prefix.addr_of(NodeId(0xbeef));
         let with = |next_header: u8, first: u8| {
@@ -313,9 +313,11 @@ mod tests {
             p
         };
         assert!(!draws_answer(&with(58, 129)), "echo reply");
-        for error in [1, 2, 3, 4, 127] {
-            assert!(!draws_answer(&with(58, error)), "ICMPv6 error {error}");
-        }
+        assert!(
+            draws_answer(&with(58, 2)),
+            "packet too big: a retransmission follows"
+        );
+        assert!(draws_answer(&with(58, 1)), "destination unreachable");
         assert!(draws_answer(&with(58, 128)), "echo request");
         assert!(draws_answer(&with(58, 135)), "neighbour solicitation");
         assert!(draws_answer(&with(6, 129)), "TCP");
